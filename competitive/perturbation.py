@@ -1,0 +1,176 @@
+"""Stochastic perturbation (paper §3.2, Eq. 6): an aggressive operation applied to one member's
+batch per step, so a perturbation that helps its member win is distilled into the others.
+
+Randomness is kept apart from application, as in kornia's ``forward_parameters``: the group draws
+*which* member, *which* operation and a seed from its own ``torch.Generator``; ``apply`` then runs
+deterministically from that seed on the batch's device.
+"""
+
+from typing import Callable, Optional, Sequence, Union
+
+import kornia.augmentation as K
+import torch
+from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
+from torch import Tensor, nn
+
+Operation = Union[nn.Module, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]
+
+
+class InUnitRange(nn.Module):
+    """Runs an image operation that assumes ``[0, 1]`` pixels on a batch in any normalization.
+
+    Each image is mapped to ``[0, 1]`` by its own minimum and maximum, perturbed, and mapped back,
+    so salt becomes the image's maximum and pepper its minimum. Nothing is clamped.
+    """
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        low = x.amin(dim=(1, 2, 3), keepdim=True)
+        span = (x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
+        return low + span * self.op((x - low) / span)
+
+
+class ResizedCrop(nn.Module):
+    """Kornia's ``RandomResizedCrop`` at the input's own size, with area scale ``scale``."""
+
+    def __init__(self, scale: tuple[float, float] = (0.3, 0.7)):
+        super().__init__()
+        self.scale = scale
+        self.crops = nn.ModuleDict()
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = "x".join(map(str, x.shape[-2:]))
+        if key not in self.crops:
+            self.crops[key] = K.RandomResizedCrop(tuple(x.shape[-2:]), scale=self.scale, p=1.0)
+        return self.crops[key](x)
+
+
+def default_operations() -> dict[str, nn.Module]:
+    """Every operation the paper names, at settings beyond normal augmentation (SPEC §3.2)."""
+    return {
+        "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
+        "cutmix": K.RandomCutMixV2(
+            cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]
+        ),
+        "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
+        "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
+        "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
+        "thin_plate_spline": K.RandomThinPlateSpline(scale=0.3, p=1.0),
+        "affine": K.RandomAffine(degrees=45.0, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20.0, p=1.0),
+        "resized_crop": ResizedCrop(scale=(0.3, 0.7)),
+    }
+
+
+def _kind(op: Operation) -> str:
+    """``"mix"`` (kornia mixing: images and labels), ``"image"`` (x -> x'), ``"pair"`` ((x, y) -> (x', y'))."""
+    if isinstance(op, MixAugmentationBaseV2):
+        return "mix"
+    if isinstance(op, (K.base._BasicAugmentationBase, K.AugmentationSequential, InUnitRange, ResizedCrop)):
+        return "image"
+    return "pair"
+
+
+def _soft_labels(y: Tensor, params: Tensor, num_classes: int) -> Tensor:
+    # kornia's mixing modules return rows (label, label of the pasted image, lambda)
+    params = params.reshape(-1, y.shape[0], 3)  # mixup: [B, 3]; cutmix: [num_mix, B, 3]
+    soft = torch.nn.functional.one_hot(y, num_classes).float()
+    for mix in params.unbind(0):
+        lam = mix[:, 2:3].float()
+        pasted = torch.nn.functional.one_hot(mix[:, 1].long(), num_classes).float()
+        soft = (1 - lam) * soft + lam * pasted
+    return soft
+
+
+class PerturbationPool(nn.Module):
+    """A pool of perturbations, one drawn per step (paper §3.2).
+
+    Args:
+        operations (sequence or dict, optional): kornia augmentation modules, or callables
+            ``(x, y) -> (x', y')`` where ``y'`` is ``[B]`` class indices or ``[B, C]`` label rows
+            that sum to 1. A dict names them. Default: :func:`default_operations` (mixup, cutmix,
+            Gaussian noise, salt-and-pepper, elastic, thin-plate-spline, affine, resized crop with
+            area scale (0.3, 0.7)).
+        weights (sequence of float, optional): relative probability of each operation.
+            Default: uniform.
+
+    Note:
+        Inputs may be in any normalization: noise operations work in each image's own range
+        (:class:`InUnitRange`) and nothing is clamped. Mixing operations (kornia's
+        ``RandomMixUpV2`` / ``RandomCutMixV2``) need a batch of at least 2 and produce soft labels.
+
+    Example:
+        >>> pool = PerturbationPool()
+        >>> x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+        >>> x2, y2 = pool.apply(pool.names.index("mixup"), x, y, seed=0, num_classes=10)
+        >>> y2.shape, bool(torch.allclose(y2.sum(dim=1), torch.ones(4)))
+        (torch.Size([4, 10]), True)
+    """
+
+    def __init__(self, operations: Optional[Union[Sequence[Operation], dict[str, Operation]]] = None,
+                 weights: Optional[Sequence[float]] = None):
+        super().__init__()
+        if operations is None:
+            operations = default_operations()
+        if not isinstance(operations, dict):
+            operations = {f"{i}_{getattr(op, '__name__', type(op).__name__)}": op for i, op in enumerate(operations)}
+        if not operations:
+            raise ValueError("Invalid operations: the pool is empty. Please provide at least one operation.")
+        bad = [f"{name!r} ({type(op).__name__})" for name, op in operations.items() if not callable(op)]
+        if bad:
+            raise TypeError(f"Invalid operations {bad}: each must be a kornia module or a callable (x, y) -> (x', y').")
+        self.names = list(operations)
+        self.operations = list(operations.values())
+        self.kinds = [_kind(op) for op in self.operations]
+        # modules live in a ModuleDict so .to() and state_dict() see them
+        self.modules_ = nn.ModuleDict({n: op for n, op in operations.items() if isinstance(op, nn.Module)})
+        weights = [1.0] * len(self.names) if weights is None else list(weights)
+        if len(weights) != len(self.names) or not all(
+            isinstance(w, (int, float)) and w >= 0 and w == w and w != float("inf") for w in weights
+        ) or sum(weights) <= 0:
+            raise ValueError(
+                f"Invalid weights {weights}: please provide {len(self.names)} finite, non-negative "
+                "numbers with a positive sum, one per operation."
+            )
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
+
+    def draw(self, generator: torch.Generator) -> tuple[int, int]:
+        """Draw an operation index and a seed from a CPU ``generator``."""
+        index = torch.multinomial(self.weights.cpu(), 1, generator=generator).item()
+        seed = torch.randint(2**62, (), generator=generator).item()
+        return index, seed
+
+    def apply(self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Apply operation ``index`` to the batch ``(x, y)``, deterministically from ``seed``.
+
+        Returns ``(x', y')``: ``y'`` stays class indices ``[B]`` unless the operation mixes images,
+        then it is ``[B, num_classes]`` with rows summing to 1.
+        """
+        op, kind = self.operations[index], self.kinds[index]
+        if x.dim() != 4:
+            raise ValueError(
+                f"Perturbation {self.names[index]!r} needs an image batch [B, C, H, W]; got inputs "
+                f"of shape {list(x.shape)}. Use perturbation=None for non-image inputs."
+            )
+        if kind == "mix" and x.shape[0] < 2:
+            raise ValueError(
+                f"Perturbation {self.names[index]!r} mixes images and needs a batch of at least 2; got {x.shape[0]}."
+            )
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=x.device.type):
+            torch.manual_seed(seed)
+            if kind == "mix":
+                out, params = op(x, y)
+                return out, _soft_labels(y, params.to(x.device), num_classes)
+            if kind == "image":
+                return op(x), y
+            out, y_out = op(x, y)
+        if out.shape != x.shape or y_out.shape not in (y.shape, (y.shape[0], num_classes)):
+            raise ValueError(
+                f"Perturbation {self.names[index]!r} returned inputs {list(out.shape)} and targets "
+                f"{list(y_out.shape)}; expected inputs {list(x.shape)} and targets {list(y.shape)} "
+                f"(class indices) or {[y.shape[0], num_classes]} (label rows)."
+            )
+        return out, y_out
