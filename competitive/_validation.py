@@ -2,7 +2,8 @@
 bad value and says what is allowed; per-member lists report every offender at once."""
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,16 +18,24 @@ def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hook
     if not isinstance(optimizers, (list, tuple)) or len(optimizers) != len(models):
         count = len(optimizers) if isinstance(optimizers, (list, tuple)) else type(optimizers).__name__
         raise ValueError(f"Invalid optimizers ({count}): please provide one optimizer per model ({len(models)}).")
-    if feature_hooks is not None and (not isinstance(feature_hooks, (list, tuple)) or len(feature_hooks) != len(models)):
+    if feature_hooks is not None and (
+        not isinstance(feature_hooks, (list, tuple)) or len(feature_hooks) != len(models)
+    ):
         count = len(feature_hooks) if isinstance(feature_hooks, (list, tuple)) else repr(feature_hooks)
         raise ValueError(
             f"Invalid feature_hooks ({count}): please provide one entry per model ({len(models)}): "
             "a submodule name, a module or None; or feature_hooks=None."
         )
-    errors = [f"models[{i}] is a {type(m).__name__}, not an nn.Module" for i, m in enumerate(models)
-              if not isinstance(m, nn.Module)]
-    errors += [f"optimizers[{i}] is a {type(o).__name__}, not a torch.optim.Optimizer"
-               for i, o in enumerate(optimizers) if not isinstance(o, torch.optim.Optimizer)]
+    errors = [
+        f"models[{i}] is a {type(m).__name__}, not an nn.Module"
+        for i, m in enumerate(models)
+        if not isinstance(m, nn.Module)
+    ]
+    errors += [
+        f"optimizers[{i}] is a {type(o).__name__}, not a torch.optim.Optimizer"
+        for i, o in enumerate(optimizers)
+        if not isinstance(o, torch.optim.Optimizer)
+    ]
     if errors:
         raise TypeError("; ".join(errors) + ".")
     errors = []
@@ -50,8 +59,9 @@ def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hook
         missing = sum(1 for p in m.parameters() if p.requires_grad and id(p) not in held)
         if missing:
             errors.append(f"optimizers[{i}] does not hold {missing} trainable parameter(s) of models[{i}]")
-        foreign = {owner[id(p)] for group in opt.param_groups for p in group["params"]
-                   if id(p) in owner and owner[id(p)] != i}
+        foreign = {
+            owner[id(p)] for group in opt.param_groups for p in group["params"] if id(p) in owner and owner[id(p)] != i
+        }
         if foreign:
             errors.append(f"optimizers[{i}] holds parameters of models{sorted(foreign)}")
     if errors:
@@ -60,8 +70,9 @@ def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hook
         )
 
 
-def check_settings(*, rule: str, granularity: str, alpha: float, beta: float, temperature: float,
-                   perturb_prob: float) -> None:
+def check_settings(
+    *, rule: str, granularity: str, alpha: float, beta: float, temperature: float, perturb_prob: float
+) -> None:
     if rule not in RULES:
         raise ValueError(f"Invalid rule {rule!r}. Please provide one of {RULES}.")
     if granularity not in GRANULARITIES:
@@ -72,17 +83,24 @@ def check_settings(*, rule: str, granularity: str, alpha: float, beta: float, te
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"Invalid temperature value {temperature!r} provided. Please provide a finite value > 0.")
     if not isinstance(perturb_prob, (int, float)) or not 0 <= perturb_prob <= 1:
-        raise ValueError(f"Invalid perturb_prob value {perturb_prob!r} provided. Please provide a value in [0,1] range.")
+        raise ValueError(
+            f"Invalid perturb_prob value {perturb_prob!r} provided. Please provide a value in [0,1] range."
+        )
 
 
 def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
-        shown = type(batch).__name__ if not isinstance(batch, (tuple, list)) else \
-            f"{type(batch).__name__} of {[type(t).__name__ for t in batch]}"
+        shown = (
+            type(batch).__name__
+            if not isinstance(batch, (tuple, list))
+            else f"{type(batch).__name__} of {[type(t).__name__ for t in batch]}"
+        )
         raise TypeError(f"Invalid batch ({shown}): please provide a pair of tensors (inputs, targets).")
     x, y = batch
     if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"Invalid batch: inputs of shape {list(x.shape)} hold no samples; the batch must not be empty.")
+        raise ValueError(
+            f"Invalid batch: inputs of shape {list(x.shape)} hold no samples; the batch must not be empty."
+        )
     if not x.is_floating_point():
         raise TypeError(
             f"Invalid batch: inputs have dtype {x.dtype}; members expect floating point inputs "
@@ -94,7 +112,9 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
             "tensor of shape [B] (soft labels come from the perturbation pool, not from the batch)."
         )
     if y.shape != (x.shape[0],):
-        raise ValueError(f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}].")
+        raise ValueError(
+            f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}]."
+        )
     if x.device not in devices:
         raise RuntimeError(
             f"Invalid batch: inputs are on {x.device} but the members are on {sorted(map(str, set(devices)))}. "
@@ -105,13 +125,21 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
 
 def check_logits(logits: Sequence[Any], batch_size: int) -> int:
     shapes = [tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__ for z in logits]
-    bad = [f"models[{i}] returned {s}" for i, s in enumerate(shapes)
-           if not isinstance(s, tuple) or len(s) != 2 or s[0] != batch_size]
+    bad = [
+        f"models[{i}] returned {s}"
+        for i, s in enumerate(shapes)
+        if not isinstance(s, tuple) or len(s) != 2 or s[0] != batch_size
+    ]
     if bad:
-        raise ValueError(f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C].")
+        raise ValueError(
+            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C]."
+        )
     classes = [s[1] for s in shapes]
     if len(set(classes)) > 1:
-        raise ValueError(f"Members disagree on the number of classes: {classes} (models[i] -> C). All must predict the same C classes.")
+        raise ValueError(
+            f"Members disagree on the number of classes: {classes} (models[i] -> C). "
+            "All must predict the same C classes."
+        )
     return classes[0]
 
 

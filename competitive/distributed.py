@@ -6,13 +6,13 @@ ranks (one all-reduce of N numbers per step) before choosing, so every rank pick
 and the members' parameters stay identical across ranks.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch.distributed as dist
 from torch import Tensor
 
 
-def global_mean(group: Optional[dist.ProcessGroup] = None) -> Optional[Callable[[Tensor], Tensor]]:
+def global_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Tensor] | None:
     """A function averaging a tensor over ``group``'s ranks, or None outside a multi-process run."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return None

@@ -1,13 +1,14 @@
 """Feature maps for ``L_F`` (paper Eq. 10): forward hooks that capture them, adapters that bridge
 members whose feature maps differ in shape (SPEC "Decisions the paper leaves open")."""
 
-from typing import Optional, Sequence, Union
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HookSpec = Union[str, nn.Module, None]
+HookSpec = str | nn.Module | None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -19,7 +20,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_hooks(models: Sequence[nn.Module], feature_hooks: Sequence[HookSpec]) -> list[Optional[nn.Module]]:
+def resolve_hooks(models: Sequence[nn.Module], feature_hooks: Sequence[HookSpec]) -> list[nn.Module | None]:
     """The module named by each member's hook spec; every offender reported at once."""
     modules, errors = [], []
     for i, (model, spec) in enumerate(zip(models, feature_hooks)):
@@ -51,11 +52,9 @@ def resolve_hooks(models: Sequence[nn.Module], feature_hooks: Sequence[HookSpec]
 class FeatureCapture:
     """Forward hooks that keep each member's latest feature map; ``remove()`` takes them off."""
 
-    def __init__(self, modules: Sequence[Optional[nn.Module]]):
-        self.features: list[Optional[Tensor]] = [None] * len(modules)
-        self.handles = [
-            m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules) if m is not None
-        ]
+    def __init__(self, modules: Sequence[nn.Module | None]):
+        self.features: list[Tensor | None] = [None] * len(modules)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules) if m is not None]
         self.enabled = bool(self.handles)
 
     def _hook(self, i: int):
@@ -79,6 +78,7 @@ class FeatureAdapter(nn.Module):
     ``[B, C, H, W] -> [B, C', H', W']``: a 1x1 convolution, then bilinear resizing when the spatial
     size differs. ``[B, C, H, W] -> [B, D]``: global average pooling and a linear map.
     ``[B, ..., D] -> [B, ..., D']`` (equal leading dims): a linear map of the last dim.
+    ``[B, D] -> [B, *S]``: a linear map to ``prod(S)`` values, reshaped to ``S``.
     """
 
     def __init__(self, source: torch.Size, target: torch.Size):
@@ -90,11 +90,13 @@ class FeatureAdapter(nn.Module):
             self.map = nn.Linear(source[0], target[0], bias=False)
         elif len(source) == len(target) and source[:-1] == target[:-1]:
             self.map = nn.Linear(source[-1], target[-1], bias=False)
+        elif len(source) == 1:
+            self.map = nn.Sequential(nn.Linear(source[0], math.prod(target), bias=False), nn.Unflatten(1, target))
         else:
             raise ValueError(
                 f"No adapter maps a feature of shape {list(source)} to one of shape {list(target)} "
                 "(shapes without the batch dim). Supported: [C, H, W] -> [C', H', W'], "
-                "[C, H, W] -> [D], and [..., D] -> [..., D'] with equal leading dims. Hook layers "
+                "[C, H, W] -> [D], [D] -> any shape, and [..., D] -> [..., D'] with equal leading dims. Hook layers "
                 "whose outputs agree in rank, or pass feature_hooks=None."
             )
 
@@ -102,7 +104,7 @@ class FeatureAdapter(nn.Module):
         if len(self.source) == 3 and len(self.target) == 1:
             return self.map(x.mean(dim=(2, 3)))
         y = self.map(x)
-        if len(self.source) == 3 and y.shape[-2:] != self.target[-2:]:
+        if len(self.source) == 3 and len(self.target) == 3 and y.shape[-2:] != self.target[-2:]:
             y = F.interpolate(y, size=self.target[-2:], mode="bilinear", align_corners=False)
         return y
 

@@ -1,8 +1,9 @@
 """``CompetitiveGroup``: N networks trained together by competitive distillation (paper §3)."""
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +36,8 @@ class StepResult:
     loss: Tensor
     weights: Tensor
     nonfinite: Tensor
-    perturbed: Optional[int] = None
-    perturbation: Optional[str] = None
+    perturbed: int | None = None
+    perturbation: str | None = None
 
 
 class CompetitiveGroup:
@@ -83,18 +84,39 @@ class CompetitiveGroup:
         (torch.Size([2]), torch.int64)
     """
 
-    def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], *,
-                 feature_hooks: Optional[Sequence[HookSpec]] = None, rule: str = "best",
-                 granularity: str = "batch", alpha: float = 1.0, beta: float = 1.0,
-                 temperature: float = 1.0, perturbation: Optional[PerturbationPool] = None,
-                 perturb_prob: float = 1.0, seed: Optional[int] = None, compile: bool = False,
-                 skip_nonfinite: bool = False, autocast_dtype: Optional[torch.dtype] = None,
-                 example_input: Optional[Tensor] = None, process_group: Any = None):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        feature_hooks: Sequence[HookSpec] | None = None,
+        rule: str = "best",
+        granularity: str = "batch",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        perturbation: PerturbationPool | None = None,
+        perturb_prob: float = 1.0,
+        seed: int | None = None,
+        compile: bool = False,
+        skip_nonfinite: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        example_input: Tensor | None = None,
+        process_group: Any = None,
+    ):
         check.check_members(models, optimizers, feature_hooks)
-        check.check_settings(rule=rule, granularity=granularity, alpha=alpha, beta=beta,
-                             temperature=temperature, perturb_prob=perturb_prob)
+        check.check_settings(
+            rule=rule,
+            granularity=granularity,
+            alpha=alpha,
+            beta=beta,
+            temperature=temperature,
+            perturb_prob=perturb_prob,
+        )
         if perturbation is not None and not isinstance(perturbation, PerturbationPool):
-            raise TypeError(f"Invalid perturbation ({type(perturbation).__name__}): please provide a PerturbationPool or None.")
+            raise TypeError(
+                f"Invalid perturbation ({type(perturbation).__name__}): please provide a PerturbationPool or None."
+            )
         self.models, self.optimizers = list(models), list(optimizers)
         self.rule, self.granularity = rule, granularity
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
@@ -105,7 +127,7 @@ class CompetitiveGroup:
         hooks = resolve_hooks(self.models, feature_hooks or [None] * len(self.models))
         self.capture = FeatureCapture(hooks)
         self.adapters = nn.ModuleDict()
-        self.feature_shapes: Optional[list[tuple[int, ...]]] = None
+        self.feature_shapes: list[tuple[int, ...]] | None = None
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
         self.reduce_ce = global_mean(process_group) if granularity == "batch" else None
@@ -133,7 +155,7 @@ class CompetitiveGroup:
             self.capture.clear()
             raise
 
-    def step(self, batch: tuple[Tensor, Tensor], *, scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
+    def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): losses, one backward, every optimizer steps, grads zeroed.
 
         Args:
@@ -155,7 +177,7 @@ class CompetitiveGroup:
         self._poll_nonfinite()
         n = len(self.models)
         perturbed, op_index, op_seed = self._draw()
-        logits: list[Optional[Tensor]] = [None] * n
+        logits: list[Tensor | None] = [None] * n
         clean = [i for i in range(n) if i != perturbed]
         for i in clean:
             logits[i] = self._forward(i, x)
@@ -163,8 +185,13 @@ class CompetitiveGroup:
         check.check_targets(y, num_classes)
         targets = y.to(self.device)
         if perturbed is not None:
-            x_p, y_p = self.perturbation.apply(op_index, x.to(self.devices[perturbed]), y.to(self.devices[perturbed]),
-                                               seed=op_seed, num_classes=num_classes)
+            x_p, y_p = self.perturbation.apply(
+                op_index,
+                x.to(self.devices[perturbed]),
+                y.to(self.devices[perturbed]),
+                seed=op_seed,
+                num_classes=num_classes,
+            )
             logits[perturbed] = self._forward(perturbed, x_p)
             num_classes = check.check_logits(logits, x.shape[0])
             if y_p.dim() == 2:  # mixing: member `perturbed` learns from soft labels, the rest from y
@@ -172,18 +199,33 @@ class CompetitiveGroup:
                 targets[perturbed] = y_p.to(self.device, torch.float32)
         features = self._features() if self.capture.enabled else None
         terms, teacher, weights = self.loss_fn(
-            [z.to(self.device) for z in logits], targets, features, rule=self.rule,
-            granularity=self.granularity, alpha=self.alpha, beta=self.beta,
-            temperature=self.temperature, adapters=self.adapters if len(self.adapters) else None,
-            reduce_ce=self.reduce_ce)
+            [z.to(self.device) for z in logits],
+            targets,
+            features,
+            rule=self.rule,
+            granularity=self.granularity,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            adapters=self.adapters if len(self.adapters) else None,
+            reduce_ce=self.reduce_ce,
+        )
         nonfinite = ~torch.isfinite(terms.loss)
         self._record(teacher, nonfinite, perturbed)
-        result = StepResult(teacher, terms.ce.detach(), terms.kl.detach(), terms.feature.detach(),
-                            terms.loss.detach(), weights, nonfinite, perturbed,
-                            None if perturbed is None else self.perturbation.names[op_index])
+        result = StepResult(
+            teacher,
+            terms.ce.detach(),
+            terms.kl.detach(),
+            terms.feature.detach(),
+            terms.loss.detach(),
+            weights,
+            nonfinite,
+            perturbed,
+            None if perturbed is None else self.perturbation.names[op_index],
+        )
         return terms.loss.sum(), result
 
-    def _draw(self) -> tuple[Optional[int], int, int]:
+    def _draw(self) -> tuple[int | None, int, int]:
         """Which member is perturbed, by which operation, with which seed (all from the CPU generator)."""
         if self.perturbation is None:
             return None, 0, 0
@@ -203,7 +245,9 @@ class CompetitiveGroup:
         features = self.capture.features
         missing = [i for i, f in enumerate(features) if not isinstance(f, Tensor)]
         if missing:
-            raise RuntimeError(f"feature_hooks of members {missing} did not fire (or returned no tensor) in this forward.")
+            raise RuntimeError(
+                f"feature_hooks of members {missing} did not fire (or returned no tensor) in this forward."
+            )
         if self.feature_shapes is None:
             self._set_feature_shapes([tuple(f.shape[1:]) for f in features])
         self.capture.clear()
@@ -243,7 +287,7 @@ class CompetitiveGroup:
             "last_teacher": torch.full((), -1, dtype=torch.long, device=self.device),
         }
 
-    def _record(self, teacher: Tensor, nonfinite: Tensor, perturbed: Optional[int]) -> None:
+    def _record(self, teacher: Tensor, nonfinite: Tensor, perturbed: int | None) -> None:
         c, n = self.counters, len(self.models)
         share = (teacher.unsqueeze(-1) == torch.arange(n, device=self.device)).float()
         share = share.mean(0) if share.dim() == 2 else share  # per sample: share of the batch taught
@@ -280,7 +324,9 @@ class CompetitiveGroup:
                 warnings.warn(
                     f"Step {step}: the loss of members {members} is NaN or inf; they do not teach this step"
                     + (" and skip their update." if self.skip_nonfinite else "."),
-                    RuntimeWarning, stacklevel=4)
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -291,9 +337,14 @@ class CompetitiveGroup:
         ``perturbed_count`` and ``perturbed_wins`` (steps at which the perturbed member won).
         """
         c = self.counters
-        return {"steps": self.steps, "teacher_count": c["teacher_count"].tolist(),
-                "switches": c["switches"].item(), "nonfinite_count": c["nonfinite_count"].tolist(),
-                "perturbed_count": c["perturbed_count"].tolist(), "perturbed_wins": c["perturbed_wins"].item()}
+        return {
+            "steps": self.steps,
+            "teacher_count": c["teacher_count"].tolist(),
+            "switches": c["switches"].item(),
+            "nonfinite_count": c["nonfinite_count"].tolist(),
+            "perturbed_count": c["perturbed_count"].tolist(),
+            "perturbed_wins": c["perturbed_wins"].item(),
+        }
 
     # -- torch conventions --------------------------------------------------------------------
 

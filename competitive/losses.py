@@ -7,13 +7,18 @@ runs (eagerly, or compiled with ``torch.compile(fullgraph=True)``). No function 
 back to the host.
 """
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .selection import distillation_weights, teacher_index
+
+
+def _upcast(x: Tensor) -> Tensor:
+    # losses in at least float32, also when the members run in bf16 / fp16 under autocast
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class LossTerms(NamedTuple):
@@ -48,19 +53,16 @@ def _feature_loss(
     features: Sequence[Tensor],
     weights: Tensor,
     teaches: Tensor,
-    adapters: Optional[nn.ModuleDict],
+    adapters: nn.ModuleDict | None,
 ) -> Tensor:
     """``sum_j W[i, j] * mean((A_ij(F_i) - F_j)^2)`` per member and sample, ``[N, B]`` (Eq. 10)."""
     n, batch = len(features), features[0].shape[0]
     w = _per_sample_weights(weights, batch)  # [B, N, N]
     # the teacher's target carries no gradient; a member that cannot teach contributes zeros
-    targets = [
-        torch.where(teaches[j].view(-1, *[1] * (f.dim() - 1)), f.detach(), 0.0)
-        for j, f in enumerate(features)
-    ]
+    targets = [torch.where(teaches[j].view(-1, *[1] * (f.dim() - 1)), f.detach(), 0.0) for j, f in enumerate(features)]
     if all(f.shape == features[0].shape for f in features) and not adapters:
-        f = torch.stack(features).flatten(2).float()  # [N, B, D]
-        t = torch.stack(targets).flatten(2).float()
+        f = _upcast(torch.stack(features).flatten(2))  # [N, B, D]
+        t = _upcast(torch.stack(targets).flatten(2))
         # sum_j W_ij (F_i - F_j)^2 = s_i (F_i - G_i)^2 + (sum_j W_ij F_j^2 - s_i G_i^2),
         # with s_i = sum_j W_ij in {0, 1} and G_i = sum_j W_ij F_j; the second term is the
         # (gradient-free) spread of the teachers, exactly 0 for one teacher.
@@ -73,11 +75,11 @@ def _feature_loss(
         row = []
         for j in range(n):
             if i == j:
-                row.append(features[i].new_zeros(batch, dtype=torch.float32))
+                row.append(_upcast(features[i].new_zeros(batch)))
                 continue
             key = f"{i}_{j}"
             student = adapters[key](features[i]) if adapters is not None and key in adapters else features[i]
-            diff = student.float() - targets[j].float()
+            diff = _upcast(student) - _upcast(targets[j])
             row.append(diff.square().flatten(1).mean(dim=1))
         rows.append(torch.stack(row, dim=-1))  # [B, N]
     pair = torch.stack(rows)  # [N, B, N]: pair[i, b, j]
@@ -89,8 +91,8 @@ def competitive_loss(
     targets: Tensor,
     weights: Tensor,
     *,
-    features: Optional[Sequence[Tensor]] = None,
-    adapters: Optional[nn.ModuleDict] = None,
+    features: Sequence[Tensor] | None = None,
+    adapters: nn.ModuleDict | None = None,
     alpha: float = 1.0,
     beta: float = 1.0,
     temperature: float = 1.0,
@@ -127,7 +129,7 @@ def competitive_loss(
         >>> competitive_loss(z, torch.tensor([0]), w).kl
         tensor([0.0000, 1.5232])
     """
-    log_probs = torch.stack([z.float() for z in logits]).log_softmax(dim=-1)
+    log_probs = torch.stack([_upcast(z) for z in logits]).log_softmax(dim=-1)
     ce_per_sample = cross_entropy(log_probs, targets)
     return _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature)
 
@@ -137,7 +139,7 @@ def _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, a
     # only a member with a finite CE (on this sample) may act as a target for the others
     teaches = torch.isfinite(ce_per_sample)
     if temperature != 1.0:
-        log_probs = (torch.stack([z.float() for z in logits]) / temperature).log_softmax(dim=-1)
+        log_probs = (torch.stack([_upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
     w = _per_sample_weights(weights, batch).to(p.dtype)
     # sum_j W_ij KL(p_j || p_i) = sum_j W_ij sum_c p_j log p_j - sum_c q_i log p_i,
@@ -157,15 +159,15 @@ def _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, a
 def group_loss(
     logits: Sequence[Tensor],
     targets: Tensor,
-    features: Optional[Sequence[Tensor]] = None,
+    features: Sequence[Tensor] | None = None,
     *,
     rule: str = "best",
     granularity: str = "batch",
     alpha: float = 1.0,
     beta: float = 1.0,
     temperature: float = 1.0,
-    adapters: Optional[nn.ModuleDict] = None,
-    reduce_ce: Optional[Callable[[Tensor], Tensor]] = None,
+    adapters: nn.ModuleDict | None = None,
+    reduce_ce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[LossTerms, Tensor, Tensor]:
     """Cross-entropy, selection and loss in one pure function: what a group step computes.
 
@@ -181,7 +183,7 @@ def group_loss(
         ``(terms, teacher, weights)``: the :class:`LossTerms`, the teacher index (a scalar, or
         ``[B]`` per sample; ``-1`` where no CE is finite) and ``W``.
     """
-    log_probs = torch.stack([z.float() for z in logits]).log_softmax(dim=-1)
+    log_probs = torch.stack([_upcast(z) for z in logits]).log_softmax(dim=-1)
     ce_per_sample = cross_entropy(log_probs, targets)
     if granularity == "batch":
         score = ce_per_sample.detach().mean(dim=1)
@@ -190,7 +192,5 @@ def group_loss(
     else:
         score = ce_per_sample.detach().transpose(0, 1)  # [B, N]
     weights = distillation_weights(score, rule=rule)
-    terms = _loss_terms(
-        log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature
-    )
+    terms = _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature)
     return terms, teacher_index(score), weights

@@ -6,14 +6,14 @@ Randomness is kept apart from application, as in kornia's ``forward_parameters``
 deterministically from that seed on the batch's device.
 """
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import kornia.augmentation as K
 import torch
 from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
 from torch import Tensor, nn
 
-Operation = Union[nn.Module, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]
+Operation = nn.Module | Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class InUnitRange(nn.Module):
@@ -52,9 +52,7 @@ def default_operations() -> dict[str, nn.Module]:
     """Every operation the paper names, at settings beyond normal augmentation (SPEC §3.2)."""
     return {
         "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
-        "cutmix": K.RandomCutMixV2(
-            cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]
-        ),
+        "cutmix": K.RandomCutMixV2(cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]),
         "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
         "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
         "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
@@ -109,8 +107,11 @@ class PerturbationPool(nn.Module):
         (torch.Size([4, 10]), True)
     """
 
-    def __init__(self, operations: Optional[Union[Sequence[Operation], dict[str, Operation]]] = None,
-                 weights: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        operations: Sequence[Operation] | dict[str, Operation] | None = None,
+        weights: Sequence[float] | None = None,
+    ):
         super().__init__()
         if operations is None:
             operations = default_operations()
@@ -127,9 +128,11 @@ class PerturbationPool(nn.Module):
         # modules live in a ModuleDict so .to() and state_dict() see them
         self.modules_ = nn.ModuleDict({n: op for n, op in operations.items() if isinstance(op, nn.Module)})
         weights = [1.0] * len(self.names) if weights is None else list(weights)
-        if len(weights) != len(self.names) or not all(
-            isinstance(w, (int, float)) and w >= 0 and w == w and w != float("inf") for w in weights
-        ) or sum(weights) <= 0:
+        if (
+            len(weights) != len(self.names)
+            or not all(isinstance(w, (int, float)) and w >= 0 and w == w and w != float("inf") for w in weights)
+            or sum(weights) <= 0
+        ):
             raise ValueError(
                 f"Invalid weights {weights}: please provide {len(self.names)} finite, non-negative "
                 "numbers with a positive sum, one per operation."

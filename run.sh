@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up .venv on first use, then runs one of:
+#   bash run.sh test      the test suite (and ruff)
+#   bash run.sh main      a short competitive run against the baselines on CIFAR-10, on the CPU
+#   bash run.sh <script>  any python command inside the venv, e.g. bash run.sh benchmarks/step.py
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+  # torch first, pinned, so nothing resolves to a newer (multi-GB) build
+  .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+  .venv/bin/pip install --quiet -e ".[test,bench]"
+  touch .venv/.installed
+fi
+PY=.venv/bin/python
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  test)
+    "$PY" -m ruff check competitive tests benchmarks
+    "$PY" -m pytest "$@"
+    ;;
+  main)
+    "$PY" benchmarks/train.py --preset quick "$@"
+    ;;
+  *)
+    "$PY" "$cmd" "$@"
+    ;;
+esac
