@@ -1,0 +1,224 @@
+"""Train a group on CIFAR under several settings and compare the members' test accuracy.
+
+    python benchmarks/train.py --preset quick   # a few minutes on a CPU (the README's main job)
+    python benchmarks/train.py --preset cpu     # the CPU-scale reproduction (3 seeds, Table 4 ablation)
+    python benchmarks/train.py --preset paper --device cuda   # the paper's protocol on a GPU
+
+Every setting runs through the same ``CompetitiveGroup`` code path with the same initial weights,
+data order and optimizer per seed; only the selection rule, the feature loss and the perturbation
+change. Writes ``results.json``, ``fig3a.png`` (per-member CE over steps, teacher marked) and
+``fig3b.png`` (test accuracy per epoch per setting) to ``--out``.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import DeviceLoader, default_root, load_cifar  # noqa: E402
+from models import build  # noqa: E402
+
+from competitive import CompetitiveGroup, PerturbationPool  # noqa: E402
+
+# name -> (rule, feature loss, perturbation); DML is published without a feature loss
+SETTINGS = {
+    "independent": ("independent", False, False),
+    "mutual": ("mutual", False, False),
+    "competitive": ("best", False, False),
+    "competitive+F": ("best", True, False),
+    "competitive+P": ("best", False, True),
+    "competitive+F+P": ("best", True, True),
+}
+
+PRESETS = {
+    "quick": dict(models="resnet8,resnet8", epochs=3, train_subset=5000, test_subset=2000, seeds="0",
+                  settings="independent,mutual,competitive"),
+    "cpu": dict(models="resnet8,resnet8", epochs=12, train_subset=20000, test_subset=0, seeds="0,1,2",
+                settings="independent,mutual,competitive,competitive+F,competitive+P,competitive+F+P"),
+    "paper": dict(models="resnet32,resnet32", epochs=200, train_subset=0, test_subset=0, seeds="0,1,2",
+                  settings="independent,mutual,competitive+F,competitive+F+P"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="quick")
+    p.add_argument("--models", help="comma-separated member names (see benchmarks/models.py)")
+    p.add_argument("--settings", help=f"comma-separated, from {list(SETTINGS)}")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--train-subset", type=int, help="train on the first N images of a fixed shuffle (0: all)")
+    p.add_argument("--test-subset", type=int, help="evaluate on N test images (0: all 10,000)")
+    p.add_argument("--classes", type=int, default=10, choices=(10, 100))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=1.0, help="feature-loss weight of the +F settings")
+    p.add_argument("--data", type=Path, default=None, help=f"CIFAR source (default: $CIFAR_ROOT or {default_root()})")
+    p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>)")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = args.models.split(",")
+    args.settings = args.settings.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        p.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    args.out = args.out or Path("runs") / args.preset
+    return args
+
+
+@torch.no_grad()
+def evaluate(models, loader) -> list[float]:
+    correct = torch.zeros(len(models), device=loader.images.device)
+    for x, y in loader:
+        for i, m in enumerate(models):
+            correct[i] += (m(x).argmax(1) == y).sum()
+    return (100.0 * correct / len(loader.labels)).tolist()
+
+
+def run(setting: str, seed: int, data, args) -> dict:
+    rule, features, perturb = SETTINGS[setting]
+    device = torch.device(args.device)
+    torch.manual_seed(seed)
+    built = []
+    for i, name in enumerate(args.models):
+        torch.manual_seed(1000 * seed + i)  # the same initial weights in every setting
+        built.append(build(name, args.classes))
+    models = [m.to(device).to(memory_format=torch.channels_last) for m, _ in built]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                  weight_decay=args.weight_decay) for m in models]
+    train = DeviceLoader(*data["train"], batch_size=args.batch_size, device=device, classes=args.classes,
+                         train=True, seed=seed)
+    test = DeviceLoader(*data["test"], batch_size=1000, device=device, classes=args.classes, train=False,
+                        drop_last=False)
+    group = CompetitiveGroup(
+        models, optimizers, rule=rule, alpha=args.alpha, beta=args.beta if features else 0.0,
+        feature_hooks=[hook for _, hook in built] if features else None,
+        perturbation=PerturbationPool() if perturb else None, seed=seed,
+        example_input=data["train"][0][:2].to(device).float() if features else None)
+    total = args.epochs * len(train)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+                  for o in optimizers]
+    history = {"test_acc": [], "ce": [], "teacher": [], "epoch_time": []}
+    torch.manual_seed(seed)  # kornia's crop/flip draws
+    for epoch in range(args.epochs):
+        group.train()
+        start = time.perf_counter()
+        ce, teacher = [], []
+        for x, y in tqdm(train, desc=f"{setting} seed {seed} epoch {epoch + 1}/{args.epochs}", leave=False,
+                         mininterval=2.0):
+            result = group.step((x, y))
+            ce.append(result.ce)
+            teacher.append(result.teacher)
+            for s in schedulers:
+                s.step()
+        history["ce"] += torch.stack(ce).tolist()
+        history["teacher"] += torch.stack(teacher).tolist()
+        history["epoch_time"].append(time.perf_counter() - start)
+        group.eval()
+        history["test_acc"].append(evaluate(models, test))
+    group.close()
+    history["stats"] = group.stats
+    return history
+
+
+def summarize(results: dict, args) -> str:
+    n = len(args.models)
+    lines = [f"top-1 % after {args.epochs} epochs, mean ± std over seeds {args.seeds} (n={len(args.seeds)})", ""]
+    header = "| setting | " + " | ".join(f"net {i + 1} ({args.models[i]})" for i in range(n)) + " | mean | s/epoch |"
+    lines += [header, "|" + "---|" * (n + 3)]
+    for setting in args.settings:
+        runs = [results[setting][str(seed)] for seed in args.seeds]
+        cells = []
+        for i in range(n):
+            accs = [r["test_acc"][-1][i] for r in runs]
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{statistics.mean(accs):.2f} ± {sd:.2f}")
+        mean = statistics.mean(statistics.mean(r["test_acc"][-1]) for r in runs)
+        secs = statistics.median(t for r in runs for t in r["epoch_time"])
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {mean:.2f} | {secs:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = next((s for s in ("competitive+F", "competitive", "competitive+F+P", "competitive+P")
+                  if s in results), args.settings[0])
+    run0 = results[shown][str(args.seeds[0])]
+    ce = torch.tensor(run0["ce"])
+    teacher = torch.tensor(run0["teacher"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    steps = torch.arange(len(ce))
+    for i in range(ce.shape[1]):
+        ax.plot(steps, ce[:, i], lw=0.7, label=f"net {i + 1} ({args.models[i]})")
+        won = teacher == i
+        ax.scatter(steps[won], ce[won, i], s=4, marker="o", label=f"net {i + 1} is teacher")
+    ax.set(xlabel="step", ylabel="cross-entropy", title=f"Per-member CE, teacher marked ({shown}, seed {args.seeds[0]})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "fig3a.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for setting in args.settings:
+        acc = torch.tensor([results[setting][str(s)]["test_acc"] for s in args.seeds]).mean(0)  # [epochs, n]
+        for i in range(acc.shape[1]):
+            ax.plot(range(1, len(acc) + 1), acc[:, i], marker=".", label=f"{setting} net {i + 1}")
+    ax.set(xlabel="epoch", ylabel="test top-1 %", title="Test accuracy per epoch (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "fig3b.png", dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    print(f"preset={args.preset} models={args.models} settings={args.settings} seeds={args.seeds} "
+          f"epochs={args.epochs} batch={args.batch_size} lr={args.lr} (SGD nesterov 0.9, wd {args.weight_decay}, "
+          f"cosine) alpha={args.alpha} beta={args.beta} train_subset={args.train_subset or 'all'} "
+          f"test_subset={args.test_subset or 'all'} device={args.device} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} python={platform.python_version()}", flush=True)
+    data = load_cifar(args.data, classes=args.classes, cache=args.cache)
+    if args.train_subset:
+        keep = torch.randperm(len(data["train"][1]), generator=torch.Generator().manual_seed(0))[: args.train_subset]
+        data["train"] = (data["train"][0][keep], data["train"][1][keep])
+    if args.test_subset:
+        keep = torch.randperm(len(data["test"][1]), generator=torch.Generator().manual_seed(0))[: args.test_subset]
+        data["test"] = (data["test"][0][keep], data["test"][1][keep])
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {s: {} for s in args.settings}
+    for seed in args.seeds:
+        for setting in args.settings:
+            history = run(setting, seed, data, args)
+            results[setting][str(seed)] = history
+            print(f"{setting:>16} seed {seed}: top-1 {['%.2f' % a for a in history['test_acc'][-1]]} "
+                  f"({sum(history['epoch_time']):.0f} s)", flush=True)
+            (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                               "results": results}))
+    table = summarize(results, args)
+    print("\n" + table)
+    (args.out / "table.md").write_text(table + "\n")
+    plot(results, args)
+    print(f"\nwrote {args.out}/results.json, table.md, fig3a.png, fig3b.png")
+
+
+if __name__ == "__main__":
+    main()
