@@ -42,7 +42,7 @@ SETTINGS = {
 PRESETS = {
     "quick": dict(models="resnet8,resnet8", epochs=3, train_subset=5000, test_subset=2000, seeds="0",
                   settings="independent,mutual,competitive"),
-    "cpu": dict(models="resnet8,resnet8", epochs=12, train_subset=20000, test_subset=0, seeds="0,1,2",
+    "cpu": dict(models="resnet8,resnet8", epochs=10, train_subset=15000, test_subset=0, seeds="0,1,2",
                 settings="independent,mutual,competitive,competitive+F,competitive+P,competitive+F+P"),
     "paper": dict(models="resnet32,resnet32", epochs=200, train_subset=0, test_subset=0, seeds="0,1,2",
                   settings="independent,mutual,competitive+F,competitive+F+P"),
@@ -190,7 +190,7 @@ def plot(results: dict, args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"preset={args.preset} models={args.models} settings={args.settings} seeds={args.seeds} "
           f"epochs={args.epochs} batch={args.batch_size} lr={args.lr} (SGD nesterov 0.9, wd {args.weight_decay}, "
           f"cosine) alpha={args.alpha} beta={args.beta} train_subset={args.train_subset or 'all'} "

@@ -1,0 +1,111 @@
+"""The compiled path (``compile=True``) is run compiled, here on the CPU, and checked against eager."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import CUDA
+from reference import tiny_cnn
+
+from competitive import CompetitiveGroup, PerturbationPool, group_loss
+
+
+def _members(n=3, dtype=torch.float32, device="cpu"):
+    models = [tiny_cnn(width=4 + i, seed=i, dtype=dtype).to(device) for i in range(n)]
+    return models, [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+
+
+def _batch(seed, device="cpu", batch=8):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, 6, 6, generator=g).to(device), torch.randint(0, 5, (batch,), generator=g).to(device))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("rule", ["best", "better", "mutual", "independent"])
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_compiled_group_matches_eager_over_steps(rule, granularity):
+    models, optimizers = _members()
+    eager_models = copy.deepcopy(models)
+    eager_optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in eager_models]
+    settings = dict(rule=rule, granularity=granularity, feature_hooks=["1"] * 3, temperature=2.0, beta=0.5)
+    # members of other widths: the feature loss goes through adapters, made equal in both groups
+    example = _batch(0)[0]
+    compiled = CompetitiveGroup(models, optimizers, compile=True, example_input=example, **settings)
+    eager = CompetitiveGroup(eager_models, eager_optimizers, example_input=example, **settings)
+    eager.adapters.load_state_dict(compiled.adapters.state_dict())
+    for step in range(8):
+        a, b = compiled.step(_batch(step)), eager.step(_batch(step))
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.teacher, b.teacher)
+    for m, e in zip(models, eager_models):
+        for p, q in zip(m.parameters(), e.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_fullgraph_and_no_recompile_while_shapes_stay():
+    models, optimizers = _members()
+    group = CompetitiveGroup(models, optimizers, compile=True, feature_hooks=["1"] * 3)
+    group.step(_batch(0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(1, 6):
+            group.step(_batch(step))
+
+
+def test_heterogeneous_adapters_and_soft_labels_compile():
+    models, optimizers = _members(2)
+    models[1] = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 12), torch.nn.ReLU(),
+                                    torch.nn.Linear(12, 5))
+    optimizers[1] = torch.optim.SGD(models[1].parameters(), lr=0.05)
+    pool = PerturbationPool({"mixup": PerturbationPool().operations[0]})
+    group = CompetitiveGroup(models, optimizers, compile=True, feature_hooks=["1", "2"], perturbation=pool, seed=0)
+    for step in range(4):
+        result = group.step(_batch(step))
+        assert result.perturbation == "mixup" and torch.isfinite(result.loss).all()
+
+
+def test_group_loss_compiles_with_fullgraph_for_every_rule():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(16, 10, generator=g) for _ in range(4)]
+    features = [torch.randn(16, 8, 2, 2, generator=g) for _ in range(4)]
+    y = torch.randint(0, 10, (16,), generator=g)
+    fn = torch.compile(group_loss, fullgraph=True)
+    for rule in ("best", "better", "mutual", "independent"):
+        for granularity in ("batch", "sample"):
+            (terms, teacher, w), (ref, ref_teacher, ref_w) = (
+                f(logits, y, features, rule=rule, granularity=granularity) for f in (fn, group_loss))
+            torch.testing.assert_close(terms.loss, ref.loss)
+            assert torch.equal(teacher, ref_teacher) and torch.equal(w, ref_w)
+
+
+def test_members_that_are_compiled_modules():
+    models, optimizers = _members(2)
+    group = CompetitiveGroup([torch.compile(m) for m in models], optimizers, feature_hooks=["1", "1"], compile=True)
+    before = [p.detach().clone() for p in models[0].parameters()]
+    for step in range(3):
+        result = group.step(_batch(step))
+        assert result.feature[1 - result.teacher] > 0  # the hooks saw the compiled forward
+    assert any(not torch.equal(p, q) for p, q in zip(models[0].parameters(), before))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_whole_step_has_no_host_sync_on_gpu(compiled):
+    models, optimizers = _members(device="cuda")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, foreach=True) for m in models]
+    group = CompetitiveGroup(models, optimizers, compile=compiled, feature_hooks=["1"] * 3,
+                             perturbation=PerturbationPool(), seed=0)
+    group.step(_batch(0, "cuda"))  # warm-up: compilation and lazy CUDA init may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 6):
+            group.step(_batch(step, "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
