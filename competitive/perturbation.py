@@ -121,7 +121,9 @@ class PerturbationPool(nn.Module):
             raise ValueError("Invalid operations: the pool is empty. Please provide at least one operation.")
         bad = [f"{name!r} ({type(op).__name__})" for name, op in operations.items() if not callable(op)]
         if bad:
-            raise TypeError(f"Invalid operations {bad}: each must be a kornia module or a callable (x, y) -> (x', y').")
+            raise TypeError(
+                f"Invalid operations [{', '.join(bad)}]: each must be a kornia module or a callable (x, y) -> (x', y')."
+            )
         self.names = list(operations)
         self.operations = list(operations.values())
         self.kinds = [_kind(op) for op in self.operations]
