@@ -74,7 +74,9 @@ def _from_torchvision(root: Path, classes: int) -> dict[str, tuple[Tensor, Tenso
     return out
 
 
-def load_cifar(root: Path | None = None, *, classes: int = 10, cache: Path | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+def load_cifar(
+    root: Path | None = None, *, classes: int = 10, cache: Path | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
     """``{"train": (images uint8 [N, 3, 32, 32], labels [N]), "test": (...)}``, decoded once and cached."""
     root = Path(root) if root is not None else default_root()
     cache = Path(cache) if cache is not None else Path.home() / ".cache" / "competitive"
@@ -108,8 +110,18 @@ class DeviceLoader:
     horizontal flip); every batch is converted to float and normalized on the device.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, device: torch.device, classes: int,
-                 train: bool, seed: int = 0, drop_last: bool = True):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        batch_size: int,
+        device: torch.device,
+        classes: int,
+        train: bool,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.train, self.drop_last = batch_size, train, drop_last
         self.mean = torch.tensor(MEAN[classes], device=device).view(1, 3, 1, 1)

@@ -48,7 +48,9 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(cin, cout, blocks, stride):
-        return nn.Sequential(*[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks)])
+        return nn.Sequential(
+            *[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks)]
+        )
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -68,8 +70,14 @@ class MobileNet(nn.Module):
         for entry in self.CFG:
             out, stride = (entry, 1) if isinstance(entry, int) else entry
             out = int(out * width)
-            layers += [nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, out, 1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             c = out
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c, classes)

@@ -40,12 +40,30 @@ SETTINGS = {
 }
 
 PRESETS = {
-    "quick": dict(models="resnet8,resnet8", epochs=3, train_subset=5000, test_subset=2000, seeds="0",
-                  settings="independent,mutual,competitive"),
-    "cpu": dict(models="resnet8,resnet8", epochs=10, train_subset=15000, test_subset=0, seeds="0,1,2",
-                settings="independent,mutual,competitive,competitive+F,competitive+P,competitive+F+P"),
-    "paper": dict(models="resnet32,resnet32", epochs=200, train_subset=0, test_subset=0, seeds="0,1,2",
-                  settings="independent,mutual,competitive+F,competitive+F+P"),
+    "quick": dict(
+        models="resnet8,resnet8",
+        epochs=3,
+        train_subset=5000,
+        test_subset=2000,
+        seeds="0",
+        settings="independent,mutual,competitive",
+    ),
+    "cpu": dict(
+        models="resnet8,resnet8",
+        epochs=10,
+        train_subset=15000,
+        test_subset=0,
+        seeds="0,1,2",
+        settings="independent,mutual,competitive,competitive+F,competitive+P,competitive+F+P",
+    ),
+    "paper": dict(
+        models="resnet32,resnet32",
+        epochs=200,
+        train_subset=0,
+        test_subset=0,
+        seeds="0,1,2",
+        settings="independent,mutual,competitive+F,competitive+F+P",
+    ),
 }
 
 
@@ -100,28 +118,40 @@ def run(setting: str, seed: int, data, args) -> dict:
         torch.manual_seed(1000 * seed + i)  # the same initial weights in every setting
         built.append(build(name, args.classes))
     models = [m.to(device).to(memory_format=torch.channels_last) for m, _ in built]
-    optimizers = [torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                  weight_decay=args.weight_decay) for m in models]
-    train = DeviceLoader(*data["train"], batch_size=args.batch_size, device=device, classes=args.classes,
-                         train=True, seed=seed)
-    test = DeviceLoader(*data["test"], batch_size=1000, device=device, classes=args.classes, train=False,
-                        drop_last=False)
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+        for m in models
+    ]
+    train = DeviceLoader(
+        *data["train"], batch_size=args.batch_size, device=device, classes=args.classes, train=True, seed=seed
+    )
+    test = DeviceLoader(
+        *data["test"], batch_size=1000, device=device, classes=args.classes, train=False, drop_last=False
+    )
     group = CompetitiveGroup(
-        models, optimizers, rule=rule, alpha=args.alpha, beta=args.beta if features else 0.0,
+        models,
+        optimizers,
+        rule=rule,
+        alpha=args.alpha,
+        beta=args.beta if features else 0.0,
         feature_hooks=[hook for _, hook in built] if features else None,
-        perturbation=PerturbationPool() if perturb else None, seed=seed,
-        example_input=data["train"][0][:2].to(device).float() if features else None)
+        perturbation=PerturbationPool() if perturb else None,
+        seed=seed,
+        example_input=data["train"][0][:2].to(device).float() if features else None,
+    )
     total = args.epochs * len(train)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-                  for o in optimizers]
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) for o in optimizers
+    ]
     history = {"test_acc": [], "ce": [], "teacher": [], "epoch_time": []}
     torch.manual_seed(seed)  # kornia's crop/flip draws
     for epoch in range(args.epochs):
         group.train()
         start = time.perf_counter()
         ce, teacher = [], []
-        for x, y in tqdm(train, desc=f"{setting} seed {seed} epoch {epoch + 1}/{args.epochs}", leave=False,
-                         mininterval=2.0):
+        for x, y in tqdm(
+            train, desc=f"{setting} seed {seed} epoch {epoch + 1}/{args.epochs}", leave=False, mininterval=2.0
+        ):
             result = group.step((x, y))
             ce.append(result.ce)
             teacher.append(result.teacher)
@@ -161,8 +191,10 @@ def plot(results: dict, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = next((s for s in ("competitive+F", "competitive", "competitive+F+P", "competitive+P")
-                  if s in results), args.settings[0])
+    shown = next(
+        (s for s in ("competitive+F", "competitive", "competitive+F+P", "competitive+P") if s in results),
+        args.settings[0],
+    )
     run0 = results[shown][str(args.seeds[0])]
     ce = torch.tensor(run0["ce"])
     teacher = torch.tensor(run0["teacher"])
@@ -172,7 +204,9 @@ def plot(results: dict, args) -> None:
         ax.plot(steps, ce[:, i], lw=0.7, label=f"net {i + 1} ({args.models[i]})")
         won = teacher == i
         ax.scatter(steps[won], ce[won, i], s=4, marker="o", label=f"net {i + 1} is teacher")
-    ax.set(xlabel="step", ylabel="cross-entropy", title=f"Per-member CE, teacher marked ({shown}, seed {args.seeds[0]})")
+    ax.set(
+        xlabel="step", ylabel="cross-entropy", title=f"Per-member CE, teacher marked ({shown}, seed {args.seeds[0]})"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "fig3a.png", dpi=120)
@@ -191,11 +225,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-    print(f"preset={args.preset} models={args.models} settings={args.settings} seeds={args.seeds} "
-          f"epochs={args.epochs} batch={args.batch_size} lr={args.lr} (SGD nesterov 0.9, wd {args.weight_decay}, "
-          f"cosine) alpha={args.alpha} beta={args.beta} train_subset={args.train_subset or 'all'} "
-          f"test_subset={args.test_subset or 'all'} device={args.device} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()} python={platform.python_version()}", flush=True)
+    print(
+        f"preset={args.preset} models={args.models} settings={args.settings} seeds={args.seeds} "
+        f"epochs={args.epochs} batch={args.batch_size} lr={args.lr} (SGD nesterov 0.9, wd {args.weight_decay}, "
+        f"cosine) alpha={args.alpha} beta={args.beta} train_subset={args.train_subset or 'all'} "
+        f"test_subset={args.test_subset or 'all'} device={args.device} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} python={platform.python_version()}",
+        flush=True,
+    )
     data = load_cifar(args.data, classes=args.classes, cache=args.cache)
     if args.train_subset:
         keep = torch.randperm(len(data["train"][1]), generator=torch.Generator().manual_seed(0))[: args.train_subset]
@@ -209,10 +246,14 @@ def main(argv=None):
         for setting in args.settings:
             history = run(setting, seed, data, args)
             results[setting][str(seed)] = history
-            print(f"{setting:>16} seed {seed}: top-1 {['%.2f' % a for a in history['test_acc'][-1]]} "
-                  f"({sum(history['epoch_time']):.0f} s)", flush=True)
-            (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                               "results": results}))
+            print(
+                f"{setting:>16} seed {seed}: top-1 {[f'{a:.2f}' for a in history['test_acc'][-1]]} "
+                f"({sum(history['epoch_time']):.0f} s)",
+                flush=True,
+            )
+            (args.out / "results.json").write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+            )
     table = summarize(results, args)
     print("\n" + table)
     (args.out / "table.md").write_text(table + "\n")

@@ -25,8 +25,9 @@ def test_autocast_dtype_option_runs_members_in_bf16_and_losses_in_fp32():
     seen = []
     models[0][4].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     group = CompetitiveGroup(models, optimizers, autocast_dtype=torch.bfloat16, feature_hooks=["1", "1"])
-    fp32 = CompetitiveGroup(reference, [torch.optim.SGD(m.parameters(), lr=0.05) for m in reference],
-                            feature_hooks=["1", "1"])
+    fp32 = CompetitiveGroup(
+        reference, [torch.optim.SGD(m.parameters(), lr=0.05) for m in reference], feature_hooks=["1", "1"]
+    )
     for step in range(5):
         a, b = group.step(_batch(step)), fp32.step(_batch(step))
         assert a.loss.dtype == torch.float32 and torch.isfinite(a.loss).all()

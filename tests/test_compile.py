@@ -60,8 +60,9 @@ def test_fullgraph_and_no_recompile_while_shapes_stay():
 
 def test_heterogeneous_adapters_and_soft_labels_compile():
     models, optimizers = _members(2)
-    models[1] = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 12), torch.nn.ReLU(),
-                                    torch.nn.Linear(12, 5))
+    models[1] = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(108, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5)
+    )
     optimizers[1] = torch.optim.SGD(models[1].parameters(), lr=0.05)
     pool = PerturbationPool({"mixup": PerturbationPool().operations[0]})
     group = CompetitiveGroup(models, optimizers, compile=True, feature_hooks=["1", "2"], perturbation=pool, seed=0)
@@ -79,7 +80,8 @@ def test_group_loss_compiles_with_fullgraph_for_every_rule():
     for rule in ("best", "better", "mutual", "independent"):
         for granularity in ("batch", "sample"):
             (terms, teacher, w), (ref, ref_teacher, ref_w) = (
-                f(logits, y, features, rule=rule, granularity=granularity) for f in (fn, group_loss))
+                f(logits, y, features, rule=rule, granularity=granularity) for f in (fn, group_loss)
+            )
             torch.testing.assert_close(terms.loss, ref.loss)
             assert torch.equal(teacher, ref_teacher) and torch.equal(w, ref_w)
 
@@ -99,8 +101,9 @@ def test_members_that_are_compiled_modules():
 def test_a_whole_step_has_no_host_sync_on_gpu(compiled):
     models, optimizers = _members(device="cuda")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, foreach=True) for m in models]
-    group = CompetitiveGroup(models, optimizers, compile=compiled, feature_hooks=["1"] * 3,
-                             perturbation=PerturbationPool(), seed=0)
+    group = CompetitiveGroup(
+        models, optimizers, compile=compiled, feature_hooks=["1"] * 3, perturbation=PerturbationPool(), seed=0
+    )
     group.step(_batch(0, "cuda"))  # warm-up: compilation and lazy CUDA init may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -46,8 +46,9 @@ def _worker(rank, world, port, out, compile_loss):
 
 @pytest.mark.parametrize("compile_loss", [False, True])
 def test_ddp_ranks_agree_on_the_teacher_and_parameters(tmp_path, compile_loss):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), compile_loss), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path), compile_loss), nprocs=2, join=True, start_method="spawn"
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["teachers"] == r1["teachers"]
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)

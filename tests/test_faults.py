@@ -83,8 +83,9 @@ def test_a_forward_that_raises_leaves_the_group_unchanged():
     state = {k: v.clone() for k, v in group.counters.items()}
     generator = group.generator.get_state()
     params = [_params(m) for m in members]
-    momentum = [[o.state[p]["momentum_buffer"].clone() for p in m.parameters()]
-                for o, m in zip(group.optimizers, members)]
+    momentum = [
+        [o.state[p]["momentum_buffer"].clone() for p in m.parameters()] for o, m in zip(group.optimizers, members)
+    ]
     members[2].mode = "raise"
     with pytest.raises(RuntimeError, match="member exploded"):
         group.step(_batch(1))
@@ -101,10 +102,17 @@ def test_a_forward_that_raises_leaves_the_group_unchanged():
 def _resume_group(seed=11):
     torch.manual_seed(0)
     members = [tiny_cnn(width=4 + i, seed=i, dtype=torch.float32) for i in range(2)]
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-                  for m in members]
-    group = CompetitiveGroup(members, optimizers, feature_hooks=["1", "1"], perturbation=PerturbationPool(),
-                             seed=seed, example_input=torch.zeros(2, 3, 6, 6))
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in members
+    ]
+    group = CompetitiveGroup(
+        members,
+        optimizers,
+        feature_hooks=["1", "1"],
+        perturbation=PerturbationPool(),
+        seed=seed,
+        example_input=torch.zeros(2, 3, 6, 6),
+    )
     return group
 
 

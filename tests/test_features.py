@@ -7,8 +7,15 @@ from competitive.features import FeatureAdapter, build_adapters, resolve_hooks
 
 @pytest.mark.parametrize(
     "source, target",
-    [((8, 4, 4), (16, 4, 4)), ((8, 4, 4), (4, 8, 8)), ((8, 8, 8), (16, 2, 2)), ((8, 4, 4), (10,)),
-     ((10,), (6,)), ((10,), (4, 2, 2)), ((5, 7), (5, 3))],
+    [
+        ((8, 4, 4), (16, 4, 4)),
+        ((8, 4, 4), (4, 8, 8)),
+        ((8, 8, 8), (16, 2, 2)),
+        ((8, 4, 4), (10,)),
+        ((10,), (6,)),
+        ((10,), (4, 2, 2)),
+        ((5, 7), (5, 3)),
+    ],
 )
 def test_adapter_maps_to_the_target_shape(source, target):
     adapter = FeatureAdapter(torch.Size(source), torch.Size(target))

@@ -51,15 +51,24 @@ number = st.one_of(st.floats(0, 3), st.sampled_from([-1.0, math.nan, math.inf, 0
     hooks=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_public_api_raises_only_documented_errors(n, batch, classes, rule, granularity, alpha, beta, temperature,
-                                                  shapes, hooks, seed):
+def test_public_api_raises_only_documented_errors(
+    n, batch, classes, rule, granularity, alpha, beta, temperature, shapes, hooks, seed
+):
     torch.manual_seed(seed)
     members = [Member(shapes[i], classes) for i in range(n)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in members]
-    valid = (rule in RULES and all(math.isfinite(v) and v >= 0 for v in (alpha, beta)) and temperature > 0)
+    valid = rule in RULES and all(math.isfinite(v) and v >= 0 for v in (alpha, beta)) and temperature > 0
     try:
-        group = CompetitiveGroup(members, optimizers, rule=rule, granularity=granularity, alpha=alpha, beta=beta,
-                                 temperature=temperature, feature_hooks=["feat"] * n if hooks else None)
+        group = CompetitiveGroup(
+            members,
+            optimizers,
+            rule=rule,
+            granularity=granularity,
+            alpha=alpha,
+            beta=beta,
+            temperature=temperature,
+            feature_hooks=["feat"] * n if hooks else None,
+        )
     except ValueError as error:
         assert not valid and "Invalid" in str(error) and "Please provide" in str(error)
         return

@@ -19,8 +19,7 @@ class Recorder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, 10))
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
         self.seen = []
 
     def forward(self, x):
@@ -29,8 +28,16 @@ class Recorder(nn.Module):
 
 
 def test_default_pool_covers_the_paper_operations():
-    assert set(default_operations()) == {"mixup", "cutmix", "gaussian_noise", "salt_and_pepper", "elastic",
-                                         "thin_plate_spline", "affine", "resized_crop"}
+    assert set(default_operations()) == {
+        "mixup",
+        "cutmix",
+        "gaussian_noise",
+        "salt_and_pepper",
+        "elastic",
+        "thin_plate_spline",
+        "affine",
+        "resized_crop",
+    }
     crop = default_operations()["resized_crop"]
     assert crop.scale == (0.3, 0.7)
 
@@ -69,8 +76,9 @@ def test_labels_stay_hard_or_become_rows_that_sum_to_one(name):
 def test_mixing_uses_soft_labels_in_the_member_cross_entropy():
     pool = PerturbationPool({"mixup": default_operations()["mixup"]})
     members = [Recorder() for _ in range(2)]
-    group = CompetitiveGroup(members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
-                             perturbation=pool, seed=0)
+    group = CompetitiveGroup(
+        members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members], perturbation=pool, seed=0
+    )
     x, y = _batch()
     result = group.step((x, y))
     k = result.perturbed
@@ -103,8 +111,12 @@ def test_noise_keeps_the_normalization_and_does_not_clamp():
 def test_same_seed_same_draws_and_replay():
     def draws(seed):
         members = [Recorder() for _ in range(3)]
-        group = CompetitiveGroup(members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
-                                 perturbation=PerturbationPool(), seed=seed)
+        group = CompetitiveGroup(
+            members,
+            [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
+            perturbation=PerturbationPool(),
+            seed=seed,
+        )
         out = []
         for s in range(6):
             r = group.step(_batch(seed=s))
@@ -121,8 +133,9 @@ def test_member_draw_is_uniform():
     # a fixed seed makes this deterministic: it cannot flake
     members = [nn.Linear(4, 3) for _ in range(4)]
     pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y)})
-    group = CompetitiveGroup(members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
-                             perturbation=pool, seed=123)
+    group = CompetitiveGroup(
+        members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members], perturbation=pool, seed=123
+    )
     counts = torch.zeros(4)
     for _ in range(4000):
         counts[group._draw()[0]] += 1
@@ -145,8 +158,12 @@ def test_perturb_prob_zero_never_perturbs_and_half_sometimes():
 def test_state_dict_round_trip_continues_the_draws():
     def group(seed):
         members = [Recorder() for _ in range(3)]
-        return CompetitiveGroup(members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
-                                perturbation=PerturbationPool(), seed=seed)
+        return CompetitiveGroup(
+            members,
+            [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
+            perturbation=PerturbationPool(),
+            seed=seed,
+        )
 
     a = group(5)
     for s in range(3):
@@ -161,8 +178,9 @@ def test_state_dict_round_trip_continues_the_draws():
 
 def test_stats_count_perturbed_wins():
     members = [Recorder() for _ in range(2)]
-    group = CompetitiveGroup(members, [torch.optim.SGD(m.parameters(), lr=0.1) for m in members],
-                             perturbation=PerturbationPool(), seed=0)
+    group = CompetitiveGroup(
+        members, [torch.optim.SGD(m.parameters(), lr=0.1) for m in members], perturbation=PerturbationPool(), seed=0
+    )
     wins = 0
     for s in range(10):
         r = group.step(_batch(seed=s))
@@ -173,7 +191,9 @@ def test_stats_count_perturbed_wins():
 
 def test_input_errors():
     pool = PerturbationPool()
-    with pytest.raises(ValueError, match=r"Perturbation 'mixup' needs an image batch \[B, C, H, W\]; got inputs of shape \[4, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"Perturbation 'mixup' needs an image batch \[B, C, H, W\]; got inputs of shape \[4, 8\]"
+    ):
         pool.apply(0, torch.randn(4, 8), torch.zeros(4, dtype=torch.long), seed=0, num_classes=3)
     with pytest.raises(ValueError, match=r"Perturbation 'cutmix' mixes images and needs a batch of at least 2; got 1"):
         pool.apply(1, torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), seed=0, num_classes=3)
@@ -183,13 +203,15 @@ def test_input_errors():
         PerturbationPool({"bad": 3})
     with pytest.raises(ValueError, match=r"returned inputs \[4, 3, 8, 8\] and targets \[4, 7\]"):
         PerturbationPool([lambda x, y: (x, torch.zeros(4, 7))]).apply(
-            0, torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), seed=0, num_classes=3)
+            0, torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), seed=0, num_classes=3
+        )
 
 
 def test_non_image_input_with_a_pool_errors_in_the_group():
     members = [nn.Linear(4, 3) for _ in range(2)]
-    group = CompetitiveGroup(members, [torch.optim.SGD(m.parameters(), lr=0.1) for m in members],
-                             perturbation=PerturbationPool(), seed=0)
+    group = CompetitiveGroup(
+        members, [torch.optim.SGD(m.parameters(), lr=0.1) for m in members], perturbation=PerturbationPool(), seed=0
+    )
     with pytest.raises(ValueError, match=r"needs an image batch \[B, C, H, W\]; got inputs of shape \[4, 4\]"):
         group.step((torch.randn(4, 4), torch.zeros(4, dtype=torch.long)))
     assert group.stats["steps"] == 0

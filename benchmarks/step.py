@@ -1,0 +1,228 @@
+"""Step time of a group against its limit, and the loss math alone, eager vs compiled.
+
+    python benchmarks/step.py                 # both parts, on CUDA when available, else CPU
+    python benchmarks/step.py --part group    # or --part loss
+
+Part 1 (``group``): for each group of members, one step of each variant in turn, interleaved
+step by step, median over ``--steps`` steps after ``--warmup``:
+(a) the limit: each member's plain training step (forward, CE, backward, optimizer step) outside
+the group, summed; (b) the group with ``rule="independent"``; (c) ``"mutual"``; (d) ``"best"``
+eager; (e) ``"best"`` with ``compile=True``. Every group variant captures the members' default
+feature maps (``beta=1``), so (b)-(e) run the same code and differ in the rule only.
+
+Part 2 (``loss``): ``group_loss`` forward + backward for N in {2, 4, 8}, B in {128, 256},
+C in {10, 100, 1000}, with and without ResNet ``layer3``-sized features ``[B, 64, 8, 8]``,
+eager and compiled interleaved. Prints tables and writes JSON to ``--out``.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import build  # noqa: E402
+
+from competitive import CompetitiveGroup, group_loss  # noqa: E402
+
+# glibc returns large freed blocks to the OS and page-faults them back in at the next step; a
+# group holds all members' activations at once, so it pays this more than members trained alone
+TUNED_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(2**34),
+    "MALLOC_TRIM_THRESHOLD_": str(2**34),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
+
+GROUPS = {
+    "2 x resnet32": ["resnet32", "resnet32"],
+    "4 x resnet20": ["resnet20"] * 4,
+    "resnet20 + mobilenet0.5": ["resnet20", "mobilenet0.5"],
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _optimizers(models):
+    return [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in models]
+
+
+def bench_group(names, args, device):
+    torch.manual_seed(0)
+    built = [build(n) for n in names]
+    base = [m.to(device).to(memory_format=torch.channels_last) for m, _ in built]
+    hooks = [h for _, h in built]
+    x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    variants = {}
+    limit_models = copy.deepcopy(base)
+    limit_opts = _optimizers(limit_models)
+
+    def limit_step():
+        for m, o in zip(limit_models, limit_opts):
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    variants["(a) limit"] = limit_step
+    for label, rule, compiled in [
+        ("(b) independent", "independent", False),
+        ("(c) mutual", "mutual", False),
+        ("(d) best eager", "best", False),
+        ("(e) best compiled", "best", True),
+    ]:
+        models = copy.deepcopy(base)
+        group = CompetitiveGroup(
+            models, _optimizers(models), rule=rule, feature_hooks=hooks, compile=compiled, example_input=x[:2]
+        )
+        variants[label] = (lambda g: lambda: g.step((x, y)))(group)
+    times = {k: [] for k in variants}
+    for step in range(args.warmup + args.steps):
+        for label, fn in variants.items():  # interleaved: one step of each variant in turn
+            t = _timed(fn, device)
+            if step >= args.warmup:
+                times[label].append(t)
+    limit = statistics.median(times["(a) limit"])
+    return {
+        k: {
+            "median_ms": 1e3 * statistics.median(v),
+            "ratio": statistics.median(v) / limit,
+            "samples_ms": [1e3 * t for t in v],
+        }
+        for k, v in times.items()
+    }
+
+
+def _loss_step(fn, logits, y, features):
+    terms, _, _ = fn(logits, y, features)
+    terms.loss.sum().backward()
+
+
+def bench_loss(args, device):
+    rows = []
+    for n in (2, 4, 8):
+        for b in (128, 256):
+            for c in (10, 100, 1000):
+                for feats in (False, True):
+                    torch._dynamo.reset()
+                    g = torch.Generator(device=device).manual_seed(0)
+                    logits = [torch.randn(b, c, device=device, generator=g, requires_grad=True) for _ in range(n)]
+                    features = (
+                        [torch.randn(b, 64, 8, 8, device=device, generator=g, requires_grad=True) for _ in range(n)]
+                        if feats
+                        else None
+                    )
+                    y = torch.randint(0, c, (b,), device=device, generator=g)
+                    compiled = torch.compile(group_loss, fullgraph=True, dynamic=False)
+                    variants = {
+                        "eager": partial(_loss_step, group_loss, logits, y, features),
+                        "compiled": partial(_loss_step, compiled, logits, y, features),
+                    }
+                    times = {k: [] for k in variants}
+                    for step in range(args.warmup + args.loss_steps):
+                        for k, fn in variants.items():
+                            t = _timed(fn, device)
+                            if step >= args.warmup:
+                                times[k].append(t)
+                    eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
+                    rows.append(
+                        {
+                            "N": n,
+                            "B": b,
+                            "C": c,
+                            "features": feats,
+                            "eager_ms": 1e3 * eager,
+                            "compiled_ms": 1e3 * comp,
+                            "speedup": eager / comp,
+                        }
+                    )
+                    print(
+                        f"  N={n} B={b:>3} C={c:>4} features={'yes' if feats else 'no ':<3} "
+                        f"eager {1e3 * eager:8.3f} ms  compiled {1e3 * comp:8.3f} ms  x{eager / comp:5.2f}",
+                        flush=True,
+                    )
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("all", "group", "loss"), default="all")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--loss-steps", type=int, default=30)
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument(
+        "--tuned-malloc",
+        action="store_true",
+        help="re-run under glibc malloc settings that keep freed memory (see README: CPU allocator)",
+    )
+    args = p.parse_args()
+    if args.tuned_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ.update(TUNED_MALLOC)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # one thread per core this process may use
+    threads = torch.get_num_threads()
+    malloc = "tuned" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "default"
+    print(
+        f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'})"
+        f" torch={torch.__version__} threads={threads} cores={len(os.sched_getaffinity(0))} batch={args.batch} "
+        f"warmup={args.warmup} steps={args.steps} malloc={malloc}"
+        " (medians; variants interleaved step by step)",
+        flush=True,
+    )
+    out = {
+        "setup": {
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": threads,
+            "batch": args.batch,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "malloc": malloc,
+        }
+    }
+    if args.part in ("all", "group"):
+        out["group"] = {}
+        for name in args.groups.split(","):
+            print(f"\n{name}, batch {args.batch}", flush=True)
+            result = bench_group(GROUPS[name], args, device)
+            out["group"][name] = result
+            print("| variant | median ms | / limit |\n|---|---|---|")
+            for label, r in result.items():
+                print(f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
+    if args.part in ("all", "loss"):
+        print("\nloss math forward + backward (group_loss, rule='best'), eager vs compiled", flush=True)
+        out["loss"] = bench_loss(args, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"step-{device.type}-{args.part}-{malloc}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
