@@ -201,9 +201,9 @@ def plot(results: dict, args) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     steps = torch.arange(len(ce))
     for i in range(ce.shape[1]):
-        ax.plot(steps, ce[:, i], lw=0.7, label=f"net {i + 1} ({args.models[i]})")
+        ax.plot(steps, ce[:, i], lw=0.7, color=f"C{i}", label=f"net {i + 1} ({args.models[i]})")
         won = teacher == i
-        ax.scatter(steps[won], ce[won, i], s=4, marker="o", label=f"net {i + 1} is teacher")
+        ax.scatter(steps[won], ce[won, i], s=4, color=f"C{i}", label=f"net {i + 1} is teacher")
     ax.set(
         xlabel="step", ylabel="cross-entropy", title=f"Per-member CE, teacher marked ({shown}, seed {args.seeds[0]})"
     )
@@ -211,10 +211,17 @@ def plot(results: dict, args) -> None:
     fig.tight_layout()
     fig.savefig(args.out / "fig3a.png", dpi=120)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for setting in args.settings:
+    for k, setting in enumerate(args.settings):
         acc = torch.tensor([results[setting][str(s)]["test_acc"] for s in args.seeds]).mean(0)  # [epochs, n]
         for i in range(acc.shape[1]):
-            ax.plot(range(1, len(acc) + 1), acc[:, i], marker=".", label=f"{setting} net {i + 1}")
+            ax.plot(
+                range(1, len(acc) + 1),
+                acc[:, i],
+                marker=".",
+                color=f"C{k}",
+                ls=("-", "--", ":", "-.")[i % 4],
+                label=f"{setting} net {i + 1}",
+            )
     ax.set(xlabel="epoch", ylabel="test top-1 %", title="Test accuracy per epoch (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()

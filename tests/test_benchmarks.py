@@ -1,0 +1,76 @@
+"""The benchmark harness: data decoding and caching, device batches, and the model zoo."""
+
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pytest.importorskip("torchvision")
+from data import CIFAR10_CLASSES, DeviceLoader, load_cifar  # noqa: E402
+from models import build  # noqa: E402
+
+
+def _fake_archive(path: Path, per_class: int = 2) -> None:
+    from PIL import Image
+
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for c, name in enumerate(CIFAR10_CLASSES):
+                for k in range(per_class):
+                    buffer = io.BytesIO()
+                    Image.new("RGB", (32, 32), (25 * c, 10 * k, 200)).save(buffer, format="JPEG", quality=100)
+                    info = tarfile.TarInfo(f"{split}/{name}/{k:04d}.jpg")
+                    info.size = buffer.tell()
+                    buffer.seek(0)
+                    tar.addfile(info, buffer)
+
+
+def test_jpeg_archive_is_decoded_once_and_cached(tmp_path):
+    _fake_archive(tmp_path / "cifar10-jpg.tar.gz")
+    data = load_cifar(tmp_path, cache=tmp_path / "cache")
+    images, labels = data["train"]
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == set(range(10))
+    # red channel encodes the class: decoding put each image under its own label
+    assert torch.allclose(images[:, 0].float().mean(dim=(1, 2)), 25.0 * labels.float(), atol=3)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    (tmp_path / "cifar10-jpg.tar.gz").unlink()  # the cache answers now
+    assert torch.equal(load_cifar(tmp_path, cache=tmp_path / "cache")["test"][0], data["test"][0])
+
+
+def test_missing_data_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No CIFAR-10 found at .*Pass --data \(or set CIFAR_ROOT\)"):
+        load_cifar(tmp_path / "nowhere", cache=tmp_path)
+
+
+def test_device_loader_batches_and_augments():
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    train = DeviceLoader(images, labels, batch_size=16, device=torch.device("cpu"), classes=10, train=True)
+    batches = list(train)
+    assert len(batches) == len(train) == 3
+    x, y = batches[0]
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
+    test = DeviceLoader(images, labels, batch_size=16, device=torch.device("cpu"), classes=10, train=False,
+                        drop_last=False)
+    assert sum(len(y) for _, y in test) == 50
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet20", "mobilenet0.25", "resnet18tv"])
+def test_models_and_their_feature_hooks(name):
+    model, hook = build(name)
+    seen = []
+    model.get_submodule(hook).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert len(seen) == 1 and len(seen[0]) == 4
+
+
+def test_resnet_depths():
+    with pytest.raises(ValueError, match=r"Invalid depth 21"):
+        build("resnet21")
+    params = sum(p.numel() for p in build("resnet32")[0].parameters())
+    assert 0.45e6 < params < 0.48e6  # the paper's Table 1: 0.47M
