@@ -292,10 +292,11 @@ class CompetitiveGroup:
         share = (teacher.unsqueeze(-1) == torch.arange(n, device=self.device)).float()
         share = share.mean(0) if share.dim() == 2 else share  # per sample: share of the batch taught
         c["teacher_count"] += share
-        batch_teacher = share.argmax()
-        if self.steps:
-            c["switches"] += (batch_teacher != c["last_teacher"]).float()
-        c["last_teacher"] = torch.where(share.sum() > 0, batch_teacher, -1)
+        # the batch's teacher (the largest share per sample); -1 when no member had a finite CE
+        batch_teacher = torch.where(share.sum() > 0, share.argmax(), -1)
+        last = c["last_teacher"]
+        c["switches"] += ((batch_teacher != last) & (batch_teacher >= 0) & (last >= 0)).float()
+        c["last_teacher"] = batch_teacher
         c["nonfinite_count"] += nonfinite.long()
         if perturbed is not None:
             c["perturbed_count"][perturbed] += 1
