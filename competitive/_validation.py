@@ -38,6 +38,9 @@ def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hook
     ]
     if errors:
         raise TypeError("; ".join(errors) + ".")
+    empty = [i for i, m in enumerate(models) if next(iter(m.parameters()), None) is None]
+    if empty:
+        raise ValueError(f"Invalid models: models{empty} have no parameters; every member must be trainable.")
     errors = []
     for i, m in enumerate(models):
         for j in range(i):

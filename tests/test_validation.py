@@ -60,6 +60,12 @@ def test_same_model_in_two_slots():
         CompetitiveGroup(m, _opts(m))
 
 
+def test_models_without_parameters():
+    m = _models() + [nn.ReLU()]
+    with pytest.raises(ValueError, match=r"models\[2\] have no parameters"):
+        CompetitiveGroup(m, _opts(m[:2]) + [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)])
+
+
 def test_shared_parameters_are_rejected():
     a, b = _models()
     b[0] = a[0]
