@@ -79,6 +79,11 @@ class FeatureAdapter(nn.Module):
     size differs. ``[B, C, H, W] -> [B, D]``: global average pooling and a linear map.
     ``[B, ..., D] -> [B, ..., D']`` (equal leading dims): a linear map of the last dim.
     ``[B, D] -> [B, *S]``: a linear map to ``prod(S)`` values, reshaped to ``S``.
+
+    Example:
+        >>> adapter = FeatureAdapter(torch.Size([32, 16, 16]), torch.Size([64, 8, 8]))
+        >>> adapter(torch.randn(2, 32, 16, 16)).shape
+        torch.Size([2, 64, 8, 8])
     """
 
     def __init__(self, source: torch.Size, target: torch.Size):

@@ -27,6 +27,13 @@ class StepResult:
         nonfinite (BoolTensor): ``[N]``, members whose loss is NaN or inf this step.
         perturbed (int or None): the member that saw the perturbed batch.
         perturbation (str or None): the name of the operation it saw.
+
+    Example:
+        >>> nets = [nn.Linear(4, 3), nn.Linear(4, 3)]
+        >>> group = CompetitiveGroup(nets, [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets])
+        >>> result = group.step((torch.randn(8, 4), torch.randint(0, 3, (8,))))
+        >>> bool(result.kl[result.teacher] == 0)  # the teacher learns from labels only
+        True
     """
 
     teacher: Tensor
