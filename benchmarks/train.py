@@ -86,6 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="train nothing: merge results.json files of runs split by seed, then print and plot",
+    )
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -228,8 +235,33 @@ def plot(results: dict, args) -> None:
     fig.savefig(args.out / "fig3b.png", dpi=120)
 
 
+def merge(args) -> None:
+    results = {s: {} for s in args.settings}
+    for path in args.merge:
+        for setting, runs in json.loads(path.read_text())["results"].items():
+            results.setdefault(setting, {}).update(runs)
+    missing = [f"{s} seed {seed}" for s in args.settings for seed in args.seeds if str(seed) not in results[s]]
+    if missing:
+        raise SystemExit(f"--merge: the files hold no results for {missing}")
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+    )
+    table = summarize(results, args)
+    print("\n" + table)
+    (args.out / "table.md").write_text(table + "\n")
+    plot(results, args)
+    print(f"\nwrote {args.out}/results.json, table.md, fig3a.png, fig3b.png")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.device == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(
@@ -261,11 +293,7 @@ def main(argv=None):
             (args.out / "results.json").write_text(
                 json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
             )
-    table = summarize(results, args)
-    print("\n" + table)
-    (args.out / "table.md").write_text(table + "\n")
-    plot(results, args)
-    print(f"\nwrote {args.out}/results.json, table.md, fig3a.png, fig3b.png")
+    report(results, args)
 
 
 if __name__ == "__main__":
