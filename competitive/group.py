@@ -218,6 +218,7 @@ class CompetitiveGroup:
             reduce_ce=self.reduce_ce,
         )
         nonfinite = ~torch.isfinite(terms.loss)
+        self._watch_nonfinite(nonfinite, step=self.steps + 1)  # raises (on CPU: now) if none is finite
         self._record(teacher, nonfinite, perturbed)
         result = StepResult(
             teacher,
@@ -309,24 +310,28 @@ class CompetitiveGroup:
             c["perturbed_count"][perturbed] += 1
             c["perturbed_wins"] += share[perturbed]
         self.steps += 1
-        self._watch_nonfinite(nonfinite)
 
-    def _watch_nonfinite(self, nonfinite: Tensor) -> None:
-        # warn without a host sync on GPU: copy the flags asynchronously and look at them once the
+    def _watch_nonfinite(self, nonfinite: Tensor, step: int) -> None:
+        # report without a host sync on GPU: copy the flags asynchronously and look at them once the
         # copy is done (at a later step), not now
         if nonfinite.device.type == "cpu":
-            self._pending_warnings.append((self.steps, nonfinite.clone(), None))
+            self._pending_warnings.append((step, nonfinite.clone(), None))
         else:
             host = torch.empty(nonfinite.shape, dtype=torch.bool, pin_memory=True)
             host.copy_(nonfinite, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending_warnings.append((self.steps, host, event))
+            self._pending_warnings.append((step, host, event))
         self._poll_nonfinite()
 
     def _poll_nonfinite(self) -> None:
         while self._pending_warnings and (self._pending_warnings[0][2] is None or self._pending_warnings[0][2].query()):
             step, flags, _ = self._pending_warnings.pop(0)
+            if flags.all():
+                raise RuntimeError(
+                    f"Step {step}: the losses of all {flags.numel()} members are NaN or inf, so no member can "
+                    "teach. Check the inputs for NaN/inf, lower the learning rate, or use a GradScaler with fp16."
+                )
             if flags.any():
                 members = flags.nonzero().flatten().tolist()
                 warnings.warn(

@@ -28,7 +28,9 @@ def teacher_index(ce: Tensor) -> Tensor:
 
     Returns:
         LongTensor of shape ``ce.shape[:-1]``. Ties go to the lowest index. Where every entry is
-        NaN or inf there is no teacher and the index is ``-1``.
+        NaN or inf there is no teacher and the index is ``-1`` (this pure function cannot raise
+        without reading the values back; :class:`~competitive.CompetitiveGroup` raises a
+        ``RuntimeError`` when no member's loss is finite).
 
     Example:
         >>> teacher_index(torch.tensor([0.9, 0.4, float("nan"), 0.4]))

@@ -55,8 +55,9 @@ def test_device_loader_batches_and_augments():
     assert len(batches) == len(train) == 3
     x, y = batches[0]
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
-    test = DeviceLoader(images, labels, batch_size=16, device=torch.device("cpu"), classes=10, train=False,
-                        drop_last=False)
+    test = DeviceLoader(
+        images, labels, batch_size=16, device=torch.device("cpu"), classes=10, train=False, drop_last=False
+    )
     assert sum(len(y) for _, y in test) == 50
 
 

@@ -68,13 +68,20 @@ def test_skip_nonfinite_keeps_the_member_unchanged():
     assert all(torch.isfinite(p).all() for p in members[2].parameters())
 
 
-def test_all_members_nonfinite_has_no_teacher():
-    group, members = _group(skip_nonfinite=True)
+def test_all_members_nonfinite_is_a_clear_error_and_nothing_moves():
+    group, members = _group(perturbation=PerturbationPool(), seed=0)
+    group.step(_batch(0))
+    params = [_params(m) for m in members]
+    generator = group.generator.get_state()
     for m in members:
         m.mode = "nan"
-    with pytest.warns(RuntimeWarning, match=r"members \[0, 1, 2\]"):
-        result = group.step(_batch(0))
-    assert result.teacher.item() == -1 and group.stats["teacher_count"] == [0.0, 0.0, 0.0]
+    with pytest.raises(
+        RuntimeError, match=r"Step 2: the losses of all 3 members are NaN or inf, so no member can teach"
+    ):
+        group.step(_batch(1))
+    assert group.stats["steps"] == 1 and group.stats["nonfinite_count"] == [0, 0, 0]
+    assert torch.equal(group.generator.get_state(), generator)
+    assert all(torch.equal(p, q) for m, p0 in zip(members, params) for p, q in zip(_params(m), p0))
 
 
 def test_a_forward_that_raises_leaves_the_group_unchanged():
