@@ -25,11 +25,18 @@ from tqdm import tqdm
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
 STD = {10: (0.2470, 0.2435, 0.2616), 100: (0.2673, 0.2564, 0.2762)}
-DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+SHARED = Path("shared") / "data" / "cifar10"
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("CIFAR_ROOT", DEFAULT_ROOT))
+    """``$CIFAR_ROOT``, else the first ``shared/data/cifar10`` beside the repository or a parent of it."""
+    if "CIFAR_ROOT" in os.environ:
+        return Path(os.environ["CIFAR_ROOT"])
+    repo = Path(__file__).resolve().parents[1]
+    for folder in (repo, *repo.parents, Path.cwd(), *Path.cwd().parents):
+        if (folder / SHARED).is_dir():
+            return folder / SHARED
+    return repo.parent / SHARED
 
 
 def _decode_jpeg_archive(archive: Path) -> dict[str, tuple[Tensor, Tensor]]:
