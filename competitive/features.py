@@ -1,5 +1,5 @@
 """Feature maps for ``L_F`` (paper Eq. 10): forward hooks that capture them, adapters that bridge
-members whose feature maps differ in shape (SPEC "Decisions the paper leaves open")."""
+members whose feature maps differ in shape (the paper does not say how; see README)."""
 
 import math
 from collections.abc import Sequence

@@ -1,4 +1,4 @@
-"""The per-step loss math of SPEC "One iteration", steps 3-4 (paper Eq. 8-11).
+"""The per-step loss math of each iteration (paper §3.3, Eq. 8-11).
 
 ``competitive_loss(logits, targets, weights, ...)`` is one pure function of the members' logits,
 targets, features and the weight matrix ``W`` of :mod:`competitive.selection`; ``group_loss``

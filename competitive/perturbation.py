@@ -49,7 +49,7 @@ class ResizedCrop(nn.Module):
 
 
 def default_operations() -> dict[str, nn.Module]:
-    """Every operation the paper names, at settings beyond normal augmentation (SPEC §3.2)."""
+    """Every operation the paper names, at settings beyond normal augmentation (paper §3.2)."""
     return {
         "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
         "cutmix": K.RandomCutMixV2(cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]),

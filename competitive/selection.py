@@ -1,10 +1,10 @@
-"""Who learns from whom: the competition of SPEC "One iteration", step 3 (paper Eq. 4, 7).
+"""Who learns from whom: the competition of each iteration (paper §3.1, Eq. 4, 7).
 
 Every rule turns per-member cross-entropies into a distillation weight matrix ``W`` with
 ``W[..., i, j]`` = how much member ``i`` learns from member ``j``. Rows of students sum to 1 and
 the teacher's row is 0, so one loss function serves every rule. Everything here is pure tensor
-code: no ``.item()``, no Python branch on a tensor's value, so it runs under ``torch.compile``
-with ``fullgraph=True`` and never syncs a GPU with the host.
+code that reads nothing back to the host and never branches on a tensor value in Python, so it
+runs under ``torch.compile`` with ``fullgraph=True`` and never syncs a GPU with the host.
 """
 
 import torch
@@ -16,7 +16,7 @@ GRANULARITIES = ("batch", "sample")
 
 def _ranking_key(ce: Tensor) -> Tensor:
     # a NaN or inf cross-entropy ranks last, so it can never teach
-    return torch.where(torch.isfinite(ce), ce, torch.full_like(ce, float("inf")))
+    return torch.where(torch.isfinite(ce), ce, torch.full_like(ce, torch.inf))
 
 
 def teacher_index(ce: Tensor) -> Tensor:
@@ -33,7 +33,7 @@ def teacher_index(ce: Tensor) -> Tensor:
         ``RuntimeError`` when no member's loss is finite).
 
     Example:
-        >>> teacher_index(torch.tensor([0.9, 0.4, float("nan"), 0.4]))
+        >>> teacher_index(torch.tensor([0.9, 0.4, torch.nan, 0.4]))
         tensor(1)
     """
     key = _ranking_key(ce)
