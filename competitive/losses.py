@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .selection import distillation_weights, teacher_index
+from .selection import teacher_index, _weights_for_teacher
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -191,6 +191,7 @@ def group_loss(
             score = reduce_ce(score)
     else:
         score = ce_per_sample.detach().transpose(0, 1)  # [B, N]
-    weights = distillation_weights(score, rule=rule)
+    teacher = teacher_index(score)
+    weights = _weights_for_teacher(score, rule=rule, teacher=teacher)
     terms = _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature)
-    return terms, teacher_index(score), weights
+    return terms, teacher, weights

@@ -68,11 +68,16 @@ def distillation_weights(ce: Tensor, *, rule: str = "best") -> Tensor:
     """
     if rule not in RULES:
         raise ValueError(f"Invalid rule {rule!r}. Please provide one of {RULES}.")
+    return _weights_for_teacher(ce, rule=rule, teacher=teacher_index(ce) if rule == "best" else None)
+
+
+def _weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Tensor:
+    """:func:`distillation_weights` for a ``teacher`` already computed by :func:`teacher_index`."""
     n = ce.shape[-1]
     finite = torch.isfinite(ce)
     index = torch.arange(n, device=ce.device)
     if rule == "best":
-        is_teacher = index == teacher_index(ce).unsqueeze(-1)  # [..., N]; all False without one
+        is_teacher = index == teacher.unsqueeze(-1)  # [..., N]; all False without one
         beats = is_teacher.unsqueeze(-2) & ~is_teacher.unsqueeze(-1)
     elif rule == "better":
         key = _ranking_key(ce)
