@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .selection import teacher_index, _weights_for_teacher
+from .selection import _weights_for_teacher, teacher_index
 
 
 def _upcast(x: Tensor) -> Tensor:
