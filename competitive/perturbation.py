@@ -139,11 +139,12 @@ class PerturbationPool(nn.Module):
                 f"Invalid weights {weights}: please provide {len(self.names)} finite, non-negative "
                 "numbers with a positive sum, one per operation."
             )
-        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
+        # a plain CPU tensor, not a buffer: .to(device) must not move the draws onto the GPU
+        self.weights = torch.tensor(weights, dtype=torch.float64)
 
     def draw(self, generator: torch.Generator) -> tuple[int, int]:
         """Draw an operation index and a seed from a CPU ``generator``."""
-        index = torch.multinomial(self.weights.cpu(), 1, generator=generator).item()
+        index = torch.multinomial(self.weights, 1, generator=generator).item()
         seed = torch.randint(2**62, (), generator=generator).item()
         return index, seed
 

@@ -217,6 +217,14 @@ def test_non_image_input_with_a_pool_errors_in_the_group():
     assert group.stats["steps"] == 0
 
 
+def test_draws_stay_on_the_cpu_when_the_pool_moves():
+    # moving the pool (as for CUDA) must not move the draw weights: reading them back would sync
+    pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y), "twice": lambda x, y: (x * 2, y)})
+    pool.to("meta")
+    assert pool.weights.device.type == "cpu"
+    assert pool.draw(torch.Generator().manual_seed(0))[0] in (0, 1)
+
+
 def test_weights_choose_operations():
     pool = PerturbationPool(weights=[0, 0, 0, 0, 0, 0, 0, 1])
     g = torch.Generator().manual_seed(0)
