@@ -63,11 +63,11 @@ def main():
 
     tasks = {"member training step": train_step}
     for index, name in enumerate(pool.names):
-        tasks[name] = (lambda i: lambda: pool.apply(i, x, y, seed=1, num_classes=10))(index)
+        tasks[name] = (lambda i: lambda: pool.perturb(i, x, y, seed=1, num_classes=10))(index)
 
     def pool_step():
         index, seed = pool.draw(generator)
-        pool.apply(index, x, y, seed=seed, num_classes=10)
+        pool.perturb(index, x, y, seed=seed, num_classes=10)
 
     tasks["pool (draw + apply)"] = pool_step
     times = {k: [] for k in tasks}

@@ -82,6 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=1.0, help="feature-loss weight of the +F settings")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--granularity", choices=("batch", "sample"), default="batch")
+    p.add_argument("--warmup-steps", type=int, default=None, help="distillation warm-up (default: the library's)")
+    p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--perturb-prob", type=float, default=1.0, help="perturb_prob of the +P settings")
+    p.add_argument("--diagnose", action="store_true", help="log per-step KL, gradient norm and lr per member")
     p.add_argument("--data", type=Path, default=None, help=f"CIFAR source (default: $CIFAR_ROOT or {default_root()})")
     p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +145,10 @@ def run(setting: str, seed: int, data, args) -> dict:
         models,
         optimizers,
         rule=rule,
+        granularity=args.granularity,
+        temperature=args.temperature,
+        perturb_prob=args.perturb_prob,
+        **({} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}),
         alpha=args.alpha,
         beta=args.beta if features else 0.0,
         feature_hooks=[hook for _, hook in built] if features else None,
@@ -148,9 +158,14 @@ def run(setting: str, seed: int, data, args) -> dict:
     )
     total = args.epochs * len(train)
     schedulers = [
-        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) for o in optimizers
+        torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: min(1.0, (s + 1) / (args.lr_warmup + 1)) * 0.5 * (1 + math.cos(math.pi * s / total))
+        )
+        for o in optimizers
     ]
     history = {"test_acc": [], "ce": [], "teacher": [], "epoch_time": []}
+    if args.diagnose:
+        history.update(kl=[], grad_norm=[], lr=[])
     torch.manual_seed(seed)  # kornia's crop/flip draws
     for epoch in range(args.epochs):
         group.train()
@@ -159,7 +174,10 @@ def run(setting: str, seed: int, data, args) -> dict:
         for x, y in tqdm(
             train, desc=f"{setting} seed {seed} epoch {epoch + 1}/{args.epochs}", leave=False, mininterval=2.0
         ):
-            result = group.step((x, y))
+            if args.diagnose:
+                result = diagnosed_step(group, (x, y), history)
+            else:
+                result = group.step((x, y))
             ce.append(result.ce)
             teacher.append(result.teacher)
             for s in schedulers:
@@ -172,6 +190,21 @@ def run(setting: str, seed: int, data, args) -> dict:
     group.close()
     history["stats"] = group.stats
     return history
+
+
+def diagnosed_step(group, batch, history):
+    """``group.step`` done by hand, recording each member's KL, gradient norm and learning rate."""
+    total, result = group.loss(batch)
+    total.backward()
+    history["kl"].append(result.kl.tolist())
+    history["grad_norm"].append(
+        [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])).item() for m in group.models]
+    )
+    history["lr"].append(group.optimizers[0].param_groups[0]["lr"])
+    for optimizer in group.optimizers:
+        optimizer.step()
+    group.zero_grad()
+    return result
 
 
 def summarize(results: dict, args) -> str:

@@ -2,21 +2,33 @@
 
 from .features import FeatureAdapter
 from .group import CompetitiveGroup, StepResult
-from .losses import LossTerms, competitive_loss, group_loss
+from .losses import LossTerms, StepLosses, competitive_loss, group_loss, step_losses
 from .perturbation import PerturbationPool, default_operations
 from .selection import distillation_weights, teacher_index
+from .terms import ADM, KL, MCL, FeatureL2, ProjectionHead, StepOutputs, Term, adm_loss, mcl_loss
 
 __all__ = [
+    "ADM",
+    "KL",
+    "MCL",
     "CompetitiveGroup",
     "FeatureAdapter",
+    "FeatureL2",
     "LossTerms",
     "PerturbationPool",
+    "ProjectionHead",
+    "StepLosses",
+    "StepOutputs",
     "StepResult",
+    "Term",
+    "adm_loss",
     "competitive_loss",
     "default_operations",
     "distillation_weights",
     "group_loss",
+    "mcl_loss",
+    "step_losses",
     "teacher_index",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

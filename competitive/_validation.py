@@ -8,33 +8,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .selection import GRANULARITIES, RULES
+from .selection import check_rule
 
 
-def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hooks: Any) -> None:
+def check_members(
+    models: Sequence[Any], optimizers: Sequence[Any], feature_hooks: Any, embedding_hooks: Any = None
+) -> None:
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         count = len(models) if isinstance(models, (list, tuple)) else type(models).__name__
         raise ValueError(f"Invalid models ({count}): a group needs a list of at least 2 nn.Module members.")
     if not isinstance(optimizers, (list, tuple)) or len(optimizers) != len(models):
         count = len(optimizers) if isinstance(optimizers, (list, tuple)) else type(optimizers).__name__
         raise ValueError(f"Invalid optimizers ({count}): please provide one optimizer per model ({len(models)}).")
-    if feature_hooks is not None and (
-        not isinstance(feature_hooks, (list, tuple)) or len(feature_hooks) != len(models)
-    ):
-        count = len(feature_hooks) if isinstance(feature_hooks, (list, tuple)) else repr(feature_hooks)
-        raise ValueError(
-            f"Invalid feature_hooks ({count}): please provide one entry per model ({len(models)}): "
-            "a submodule name, a module or None; or feature_hooks=None."
-        )
+    for name, hooks in (("feature_hooks", feature_hooks), ("embedding_hooks", embedding_hooks)):
+        if hooks is not None and (not isinstance(hooks, (list, tuple)) or len(hooks) != len(models)):
+            count = len(hooks) if isinstance(hooks, (list, tuple)) else repr(hooks)
+            raise ValueError(
+                f"Invalid {name} ({count}): please provide one entry per model ({len(models)}): "
+                f"a submodule name, a module or None; or {name}=None."
+            )
     errors = [
         f"models[{i}] is a {type(m).__name__}, not an nn.Module"
         for i, m in enumerate(models)
         if not isinstance(m, nn.Module)
     ]
     errors += [
-        f"optimizers[{i}] is a {type(o).__name__}, not a torch.optim.Optimizer"
+        f"optimizers[{i}] is a {type(o).__name__}, not a torch.optim.Optimizer (or None for a frozen member)"
         for i, o in enumerate(optimizers)
-        if not isinstance(o, torch.optim.Optimizer)
+        if o is not None and not isinstance(o, torch.optim.Optimizer)
     ]
     if errors:
         raise TypeError("; ".join(errors) + ".")
@@ -58,6 +59,10 @@ def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hook
     if errors:
         raise ValueError("Invalid models: " + "; ".join(errors) + ". Members must not share parameters.")
     for i, (m, opt) in enumerate(zip(models, optimizers)):
+        if opt is None:
+            if any(p.requires_grad for p in m.parameters()):
+                errors.append(f"optimizers[{i}] is None but models[{i}] has trainable parameters")
+            continue
         held = {id(p) for group in opt.param_groups for p in group["params"]}
         missing = sum(1 for p in m.parameters() if p.requires_grad and id(p) not in held)
         if missing:
@@ -69,26 +74,165 @@ def check_members(models: Sequence[Any], optimizers: Sequence[Any], feature_hook
             errors.append(f"optimizers[{i}] holds parameters of models{sorted(foreign)}")
     if errors:
         raise ValueError(
-            "Invalid optimizers: " + "; ".join(errors) + ". Build optimizers[i] from models[i].parameters()."
+            "Invalid optimizers: " + "; ".join(errors) + ". Build optimizers[i] from models[i].parameters() "
+            "(None only for a member whose parameters are all frozen)."
         )
+
+
+def _real(value: Any) -> float | None:
+    """A Python float from an int, float, numpy scalar or 0-d real tensor; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            return float(value.item())
+        return None
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iuf":
+        return float(value)
+    return None
 
 
 def check_settings(
-    *, rule: str, granularity: str, alpha: float, beta: float, temperature: float, perturb_prob: float
-) -> None:
-    if rule not in RULES:
-        raise ValueError(f"Invalid rule {rule!r}. Please provide one of {RULES}.")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"Invalid granularity {granularity!r}. Please provide one of {GRANULARITIES}.")
+    *,
+    rule: str,
+    granularity: str,
+    alpha: Any,
+    beta: Any,
+    temperature: Any,
+    perturb_prob: Any,
+    warmup_steps: Any,
+    fixed_teacher: Any,
+    n: int,
+    seed: Any,
+    compile: Any,
+    skip_nonfinite: Any,
+    autocast_dtype: Any,
+    perturbation: Any,
+) -> dict[str, float]:
+    """Every scalar setting of the group; returns the real-valued ones as Python floats."""
+    from .perturbation import PerturbationPool
+
+    check_rule(rule, granularity)
+    out = {}
     for name, value in (("alpha", alpha), ("beta", beta)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        real = _real(value)
+        if real is None or not math.isfinite(real) or real < 0:
             raise ValueError(f"Invalid {name} value {value!r} provided. Please provide a finite value >= 0.")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        out[name] = real
+    real = _real(temperature)
+    if real is None or not math.isfinite(real) or real <= 0:
         raise ValueError(f"Invalid temperature value {temperature!r} provided. Please provide a finite value > 0.")
-    if not isinstance(perturb_prob, (int, float)) or not 0 <= perturb_prob <= 1:
+    out["temperature"] = real
+    real = _real(perturb_prob)
+    if real is None or not 0 <= real <= 1:
         raise ValueError(
             f"Invalid perturb_prob value {perturb_prob!r} provided. Please provide a value in [0,1] range."
         )
+    out["perturb_prob"] = real
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"Invalid warmup_steps value {warmup_steps!r} provided. Please provide an int >= 0.")
+    if fixed_teacher is not None:
+        if isinstance(fixed_teacher, bool) or not isinstance(fixed_teacher, int) or not 0 <= fixed_teacher < n:
+            raise ValueError(
+                f"Invalid fixed_teacher value {fixed_teacher!r} provided. Please provide a member index in [0, {n}) "
+                "or None."
+            )
+        if rule != "best":
+            raise ValueError(
+                f"fixed_teacher={fixed_teacher} decides who teaches, so it needs rule='best'; got rule={rule!r}."
+            )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise TypeError(f"Invalid seed value {seed!r} provided. Please provide an int >= 0 or None.")
+    for name, value in (("compile", compile), ("skip_nonfinite", skip_nonfinite)):
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")
+    if autocast_dtype is not None and not (
+        isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"Invalid autocast_dtype value {autocast_dtype!r} provided. Please provide a floating torch.dtype "
+            "(torch.bfloat16, torch.float16) or None."
+        )
+    if perturbation is not None and not isinstance(perturbation, PerturbationPool):
+        raise TypeError(
+            f"Invalid perturbation ({type(perturbation).__name__}): please provide a PerturbationPool or None."
+        )
+    return out
+
+
+def check_logits_from(spec: Any, n: int) -> list[Any]:
+    """``logits_from``: one spec for all members, or a list of one per member."""
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * n
+    if len(specs) != n:
+        raise ValueError(f"Invalid logits_from ({len(specs)} entries): please provide one per model ({n}) or one.")
+    bad = [
+        f"logits_from[{i}]={s!r}"
+        for i, s in enumerate(specs)
+        if not (s is None or callable(s) or isinstance(s, (str, int))) or isinstance(s, bool)
+    ]
+    if bad:
+        raise TypeError(
+            f"Invalid {', '.join(bad)}: please provide an attribute or key (str), a tuple index (int), "
+            "a callable output -> logits, or None."
+        )
+    return specs
+
+
+def resolve_terms(
+    terms: Any, feature_hooks: Any, embedding_hooks: Any, *, alpha: Any, beta: Any, temperature: Any
+) -> list[Any]:
+    """The group's knowledge terms from ``terms`` (names or Term instances), checked against the hooks."""
+    from .terms import KL, TERMS, FeatureL2, Term
+
+    explicit = terms is not None
+    if terms is None:
+        terms = ["kl"] + (["feature"] if feature_hooks is not None else [])
+    if isinstance(terms, (str, Term)) or not isinstance(terms, (list, tuple)):
+        raise TypeError(f"Invalid terms ({terms!r}): please provide a list of term names or Term instances.")
+    built, errors = [], []
+    for i, term in enumerate(terms):
+        if isinstance(term, Term):
+            built.append(term)
+        elif term == "kl":
+            built.append(KL(alpha, temperature=temperature))
+        elif term == "feature":
+            built.append(FeatureL2(beta))
+        elif isinstance(term, str) and term in TERMS:
+            built.append(TERMS[term]())
+        else:
+            errors.append(f"terms[{i}]={term!r}")
+    if errors:
+        raise ValueError(f"Invalid {', '.join(errors)}: known terms are {sorted(TERMS)}, or pass a Term instance.")
+    names = [t.name for t in built]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated or "" in names:
+        raise ValueError(f"Invalid terms: every term needs a unique, non-empty name; got {names}.")
+    for name, value, default, owner in (
+        ("alpha", alpha, 1.0, "kl"),
+        ("temperature", temperature, 1.0, "kl"),
+        ("beta", beta, 1.0, "feature"),
+    ):
+        # with the default terms, beta without feature_hooks stays harmless, as in earlier releases
+        if explicit and owner not in terms and _real(value) != default:
+            raise ValueError(
+                f"{name}={value!r} sets the {owner!r} term, which terms={names} does not name. Add {owner!r} to "
+                "terms, or set the weight on your Term instance."
+            )
+    needs = {need for term in built for need in term.needs}
+    for need, hooks in (("features", feature_hooks), ("embeddings", embedding_hooks)):
+        argument = "feature_hooks" if need == "features" else "embedding_hooks"
+        users = [t.name for t in built if need in t.needs]
+        if need in needs and hooks is None:
+            raise ValueError(f"The terms {users} read {need}: please provide {argument}, one per model.")
+        if need not in needs and hooks is not None:
+            readers = [n for n, t in TERMS.items() if need in t.needs]
+            raise ValueError(
+                f"{argument} is given, but no term reads {need} (terms={names}). Add one of {readers} to terms, "
+                f"or pass {argument}=None."
+            )
+    return built
 
 
 def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Tensor]:
@@ -114,6 +258,8 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
             f"Invalid batch: targets have dtype {y.dtype}; please provide class indices as an integer "
             "tensor of shape [B] (soft labels come from the perturbation pool, not from the batch)."
         )
+    if y.dtype == torch.uint64:
+        raise TypeError("Invalid batch: targets have dtype torch.uint64; please provide int64 class indices.")
     if y.shape != (x.shape[0],):
         raise ValueError(
             f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}]."
@@ -123,25 +269,32 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
             f"Invalid batch: inputs are on {x.device} but the members are on {sorted(map(str, set(devices)))}. "
             "Move the batch to the members' device first, e.g. x.to(device)."
         )
-    return x, y
+    return x, y.long()  # int32 / int16 / uint8 class indices work like int64
 
 
-def check_logits(logits: Sequence[Any], batch_size: int) -> int:
+def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int]) -> int:
+    """Every member returned ``[B, C]`` logits with the same ``C >= 2``; returns ``C``."""
     shapes = [tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__ for z in logits]
     bad = [
         f"models[{i}] returned {s}"
-        for i, s in enumerate(shapes)
+        for i, s in zip(members, shapes)
         if not isinstance(s, tuple) or len(s) != 2 or s[0] != batch_size
     ]
     if bad:
         raise ValueError(
-            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C]."
+            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] "
+            "(use logits_from to say where the logits are in a tuple, dict or output object)."
         )
     classes = [s[1] for s in shapes]
     if len(set(classes)) > 1:
         raise ValueError(
             f"Members disagree on the number of classes: {classes} (models[i] -> C). "
             "All must predict the same C classes."
+        )
+    if classes[0] < 2:
+        raise ValueError(
+            f"Invalid model outputs: logits of shape [{batch_size}, {classes[0]}]; a softmax over one class is "
+            "always 1, so nothing would be learned. Members must predict C >= 2 classes."
         )
     return classes[0]
 
@@ -157,3 +310,50 @@ def check_targets(y: Tensor, num_classes: int) -> None:
     else:
         # a device-side assert: checked without waiting for the GPU
         torch._assert_async(in_range, f"targets must lie in [0, {num_classes})")
+
+
+def check_shapes(captured: dict[str, list[Tensor]], shapes: dict[str, list[tuple[int, ...]]], terms: Any) -> None:
+    """The hooked outputs have the shapes the terms' parts were built for (when it matters)."""
+    for need, values in captured.items():
+        matters = any(need in t.needs and any(True for _ in t.parameters()) for t in terms)
+        if not matters:
+            continue
+        now = [tuple(v.shape[1:]) for v in values]
+        changed = [f"models[{i}]: {list(a)} -> {list(b)}" for i, (a, b) in enumerate(zip(shapes[need], now)) if a != b]
+        if changed:
+            raise ValueError(
+                f"The {need} changed shape since the group built its adapters / heads for them ({'; '.join(changed)}; "
+                "shapes without the batch dim). Keep the input resolution fixed, or build a new group for it."
+            )
+
+
+def check_no_scheduler_yet(optimizers: Sequence[Any], terms: Any, shapes: Any) -> None:
+    """Refuse to add parameter groups to an optimizer that an LR scheduler already wraps."""
+    if not any(True for t in terms for p in t.parameters()) and not any(t.needs for t in terms):
+        return
+    wrapped = [i for i, o in enumerate(optimizers) if o is not None and any("initial_lr" in g for g in o.param_groups)]
+    if wrapped:
+        raise RuntimeError(
+            f"optimizers{wrapped} already have an LR scheduler, but the group is only now creating the terms' "
+            "adapters / heads (they join those optimizers and the scheduler would not cover them). Build the "
+            "schedulers after the group, and pass example_input=<a batch of inputs> so the group creates them "
+            "when it is built."
+        )
+
+
+def check_owners(optimizers: Sequence[Any], owned: Sequence[Sequence[Any]]) -> None:
+    frozen = [i for i, (o, params) in enumerate(zip(optimizers, owned)) if o is None and params]
+    if frozen:
+        raise ValueError(
+            f"Members {frozen} have no optimizer (None), but the terms give them learnable parts (adapters or "
+            "heads) to train. Give them an optimizer, or choose terms without parts on their side."
+        )
+
+
+def check_state_dict(state_dict: Any, n: int) -> None:
+    keys = {"models", "optimizers", "shapes", "terms", "counters", "generator"}
+    if not isinstance(state_dict, dict) or not keys <= set(state_dict):
+        missing = sorted(keys - set(state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"Invalid state_dict: missing {missing}; expected a CompetitiveGroup.state_dict().")
+    if len(state_dict["models"]) != n:
+        raise ValueError(f"Invalid state_dict: it holds {len(state_dict['models'])} members; this group has {n}.")

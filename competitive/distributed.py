@@ -1,4 +1,5 @@
-"""Distributed glue: one global teacher across data-parallel processes.
+"""Distributed glue: one global teacher across data-parallel processes, and the group's own
+learnable parts kept identical on every rank.
 
 Under ``DistributedDataParallel`` each process sees its own shard of the batch, so local
 cross-entropies differ. With ``granularity="batch"`` the group averages the members' CE over all
@@ -8,8 +9,9 @@ and the members' parameters stay identical across ranks.
 
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def global_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Tensor] | None:
@@ -27,3 +29,30 @@ def global_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Te
         return funcol.all_reduce(x, "sum", group) / world
 
     return mean
+
+
+def share_parameters(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Keep ``module``'s parameters (the group's own adapters and heads) identical on every rank.
+
+    The members are the user's ``DistributedDataParallel`` modules; the parts a group creates are
+    not, so the group does what DDP would: it broadcasts their initial values from the group's
+    first rank, and averages each gradient over the ranks as soon as it is accumulated (so
+    ``group.loss()`` with the caller's own backward, gradient accumulation included, stays in step).
+    Outside a multi-process run this does nothing.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    world = dist.get_world_size(group)
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    for p in module.parameters():
+        if getattr(p, "_competitive_shared", False):
+            continue
+        with torch.no_grad():
+            dist.broadcast(p.data, src=source, group=group)
+
+        def average(param: Tensor) -> None:
+            dist.all_reduce(param.grad, group=group)
+            param.grad.div_(world)
+
+        p.register_post_accumulate_grad_hook(average)
+        p._competitive_shared = True

@@ -1,8 +1,10 @@
-"""Feature maps for ``L_F`` (paper Eq. 10): forward hooks that capture them, adapters that bridge
-members whose feature maps differ in shape (the paper does not say how; see README)."""
+"""What the terms read besides the logits: forward hooks that capture feature maps and embeddings,
+adapters that bridge members whose feature maps differ in shape (the paper does not say how; see
+README), and where the logits are in a member's output."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,56 +22,112 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_hooks(models: Sequence[nn.Module], feature_hooks: Sequence[HookSpec]) -> list[nn.Module | None]:
+def resolve_hooks(
+    models: Sequence[nn.Module], feature_hooks: Sequence[HookSpec], argument: str = "feature_hooks"
+) -> list[nn.Module | None]:
     """The module named by each member's hook spec; every offender reported at once."""
     modules, errors = [], []
     for i, (model, spec) in enumerate(zip(models, feature_hooks)):
         if spec is None or isinstance(spec, nn.Module):
             if isinstance(spec, nn.Module) and not any(spec is m for m in model.modules()):
-                errors.append(f"feature_hooks[{i}] is a module that is not part of models[{i}]")
+                errors.append(f"{argument}[{i}] is a module that is not part of models[{i}]")
             modules.append(spec)
         elif isinstance(spec, str):
             try:
                 modules.append(_unwrap(model).get_submodule(spec))
             except AttributeError:
                 names = [n for n, _ in _unwrap(model).named_modules() if n][:12]
-                errors.append(f"feature_hooks[{i}]={spec!r} names no submodule of models[{i}] (some names: {names})")
+                errors.append(f"{argument}[{i}]={spec!r} names no submodule of models[{i}] (some names: {names})")
                 modules.append(None)
         else:
-            errors.append(f"feature_hooks[{i}] has type {type(spec).__name__}; expected str, nn.Module or None")
+            errors.append(f"{argument}[{i}] has type {type(spec).__name__}; expected str, nn.Module or None")
             modules.append(None)
     if errors:
-        raise ValueError("Invalid feature_hooks: " + "; ".join(errors) + ".")
+        raise ValueError(f"Invalid {argument}: " + "; ".join(errors) + ".")
     if any(m is None for m in modules) and not all(m is None for m in modules):
         missing = [i for i, m in enumerate(modules) if m is None]
         raise ValueError(
-            f"Invalid feature_hooks: members {missing} have no hook. Give every member a hook, "
-            "or pass None for all of them to train without the feature loss."
+            f"Invalid {argument}: members {missing} have no hook. Give every member a hook, or pass {argument}=None."
         )
     return modules
 
 
 class FeatureCapture:
-    """Forward hooks that keep each member's latest feature map; ``remove()`` takes them off."""
+    """Forward hooks that keep each member's latest hooked output; ``remove()`` takes them off.
 
-    def __init__(self, modules: Sequence[nn.Module | None]):
-        self.features: list[Tensor | None] = [None] * len(modules)
+    With ``linear_input=True`` (embeddings), a hooked ``nn.Linear`` gives its *input* (the pooled
+    features a classifier reads) and any other module its output, flattened to ``[B, D]``.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module | None], *, linear_input: bool = False):
+        self.modules = list(modules)
+        self.linear_input = linear_input
+        self.values: list[Tensor | None] = [None] * len(modules)
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules) if m is not None]
         self.enabled = bool(self.handles)
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
-            self.features[i] = output[0] if isinstance(output, (tuple, list)) else output
+            if self.linear_input and isinstance(module, nn.Linear):
+                value = inputs[0]
+            else:
+                value = output[0] if isinstance(output, (tuple, list)) else output
+            if self.linear_input and isinstance(value, Tensor):
+                value = value.flatten(1)
+            self.values[i] = value
 
         return hook
 
+    def static_shapes(self) -> list[tuple[int, ...]] | None:
+        """Shapes known without a forward: every hook on an ``nn.Linear`` read at its input."""
+        if self.linear_input and self.enabled and all(isinstance(m, nn.Linear) for m in self.modules):
+            return [(m.in_features,) for m in self.modules]
+        return None
+
+    def take(self, argument: str) -> list[Tensor]:
+        """This forward's values (then forgotten); a hook that did not fire is an error."""
+        values, self.values = self.values, [None] * len(self.values)
+        missing = [i for i, v in enumerate(values) if not isinstance(v, Tensor)]
+        if missing:
+            raise RuntimeError(
+                f"{argument} of members {missing} did not fire (or returned no tensor) in this forward; hook a "
+                "module that runs in every forward."
+            )
+        return values
+
     def clear(self) -> None:
-        self.features = [None] * len(self.features)
+        self.values = [None] * len(self.values)
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+LogitsSpec = str | int | Callable[[Any], Tensor] | None
+
+
+def extract_logits(output: Any, spec: LogitsSpec, *, member: int) -> Tensor:
+    """The logits in a member's output: ``spec`` is a key / attribute, a tuple index or a callable;
+    None takes a tensor as it is, or the ``.logits`` of a (HuggingFace-style) output object."""
+    if callable(spec):
+        return spec(output)
+    if spec is None:
+        if isinstance(output, Tensor):
+            return output
+        spec = "logits"
+    if isinstance(spec, int) and isinstance(output, (tuple, list)) and -len(output) <= spec < len(output):
+        return output[spec]
+    if isinstance(spec, str):
+        if isinstance(output, dict) and spec in output:
+            return output[spec]
+        if hasattr(output, spec):
+            return getattr(output, spec)
+    raise ValueError(
+        f"models[{member}] returned a {type(output).__name__}, and logits_from={spec!r} does not find logits in it. "
+        "Pass logits_from: an attribute or key (e.g. 'logits'), a tuple index (e.g. 0), or a callable "
+        "output -> logits; one for all members or a list with one per member."
+    )
 
 
 class FeatureAdapter(nn.Module):

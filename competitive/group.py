@@ -1,7 +1,11 @@
-"""``CompetitiveGroup``: N networks trained together by competitive distillation (paper §3)."""
+"""``CompetitiveGroup``: N networks trained together by competitive distillation (paper §3).
 
-import warnings
-from collections.abc import Sequence
+The group keeps the stateful loop only: forward every member, call the pure step math of
+:mod:`competitive.losses`, backward, step. The terms live in :mod:`competitive.terms`, the
+counters and the non-finite bookkeeping in :mod:`competitive.stats`.
+"""
+
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,10 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _validation as check
-from .distributed import global_mean
-from .features import FeatureCapture, HookSpec, build_adapters, resolve_hooks
-from .losses import group_loss
+from .distributed import global_mean, share_parameters
+from .features import FeatureCapture, HookSpec, extract_logits, resolve_hooks
+from .losses import step_losses
 from .perturbation import PerturbationPool
+from .stats import GroupStats, NonfiniteWatch
+from .terms import Term
 
 
 @dataclass
@@ -20,13 +26,17 @@ class StepResult:
     """What one step computed. Tensors stay on the device: building this reads nothing back.
 
     Attributes:
-        teacher (LongTensor): the member with the lowest finite CE; a scalar, or ``[B]`` with
-            ``granularity="sample"``; ``-1`` where no CE is finite. Reported for every rule.
-        ce, kl, feature, loss (Tensor): per-member terms ``[N]``, ``loss = ce + alpha*kl + beta*feature``.
+        teacher (LongTensor): the member that taught (the lowest finite competition score); a
+            scalar, or ``[B]`` with ``granularity="sample"``; ``-1`` where no member could teach.
+            Reported for every rule.
+        ce (Tensor): ``[N]`` each member's cross-entropy.
+        terms (dict of str to Tensor): each knowledge term's unweighted ``[N]`` value, by name.
+        loss (Tensor): ``[N]``, ``ce + ramp * sum_t weight_t * terms[t]``.
         weights (Tensor): the distillation matrix ``W`` (``[N, N]`` or ``[B, N, N]``).
         nonfinite (BoolTensor): ``[N]``, members whose loss is NaN or inf this step.
         perturbed (int or None): the member that saw the perturbed batch.
         perturbation (str or None): the name of the operation it saw.
+        skipped (str or None): why a drawn perturbation was not applied this step.
 
     Example:
         >>> nets = [nn.Linear(4, 3), nn.Linear(4, 3)]
@@ -34,53 +44,105 @@ class StepResult:
         >>> result = group.step((torch.randn(8, 4), torch.randint(0, 3, (8,))))
         >>> bool(result.kl[result.teacher] == 0)  # the teacher learns from labels only
         True
+        >>> sorted(result.scalars())
+        ['ce/0', 'ce/1', 'kl/0', 'kl/1', 'loss/0', 'loss/1', 'teacher', 'teacher_share/0', 'teacher_share/1']
     """
 
     teacher: Tensor
     ce: Tensor
-    kl: Tensor
-    feature: Tensor
+    terms: dict[str, Tensor]
     loss: Tensor
     weights: Tensor
     nonfinite: Tensor
     perturbed: int | None = None
     perturbation: str | None = None
+    skipped: str | None = None
+
+    @property
+    def kl(self) -> Tensor:
+        """The ``"kl"`` term ``[N]`` (zeros when the group has none)."""
+        return self.terms.get("kl", torch.zeros_like(self.ce))
+
+    @property
+    def feature(self) -> Tensor:
+        """The ``"feature"`` term ``[N]`` (zeros when the group has none)."""
+        return self.terms.get("feature", torch.zeros_like(self.ce))
+
+    def scalars(self) -> dict[str, float]:
+        """A flat mapping of Python floats for loggers (``log_dict``, ``add_scalars``, CSV).
+
+        Keys: ``ce/i``, ``loss/i``, ``<term>/i`` for each term, ``teacher_share/i`` (the share of
+        the batch member ``i`` taught), ``teacher`` (the batch's teacher, ``-1`` if none) and
+        ``perturbed`` (when a member was perturbed). Building it reads the values back to the host
+        (one copy); the step itself does not.
+        """
+        n = self.ce.numel()
+        teacher = self.teacher.reshape(-1)
+        share = (teacher.unsqueeze(-1) == torch.arange(n, device=teacher.device)).float().mean(0)
+        rows = {"ce": self.ce, "loss": self.loss, **self.terms, "teacher_share": share}
+        names = list(rows)
+        values = torch.stack([rows[k].detach().float().to(self.ce.device) for k in names]).cpu()
+        out = {f"{k}/{i}": float(values[r, i]) for r, k in enumerate(names) for i in range(n)}
+        out["teacher"] = float(torch.where(share.sum() > 0, share.argmax(), -1).item())
+        if self.perturbed is not None:
+            out["perturbed"] = float(self.perturbed)
+        return out
 
 
 class CompetitiveGroup:
     """Trains ``N >= 2`` networks on the same batches by competitive distillation.
 
     Each :meth:`step` forwards every member, picks this step's teacher from the cross-entropies,
-    adds ``alpha * KL(p_T || p_i) + beta * ||F_i - F_T||^2`` to each student's loss, backpropagates
-    once and steps every optimizer. See README for the rules and equations.
+    adds every knowledge term (by default ``alpha * KL(p_T || p_i)``, and
+    ``beta * ||F_i - F_T||^2`` with ``feature_hooks``) to each student's loss, backpropagates once
+    and steps every optimizer. See README for the rules, terms and equations.
 
     Args:
-        models (list of nn.Module): the members; logits ``[B, C]`` with the same ``C``.
-        optimizers (list of Optimizer): ``optimizers[i]`` holds ``models[i]``'s parameters.
+        models (list of nn.Module): the members; logits ``[B, C]`` with the same ``C >= 2``.
+        optimizers (list of Optimizer or None): ``optimizers[i]`` holds ``models[i]``'s trainable
+            parameters; None for a frozen member (no trainable parameter).
         feature_hooks (list, optional): per member, a submodule name, a submodule or None; the
-            hooked outputs feed ``L_F``. Default: None (no feature loss).
+            hooked outputs feed the ``"feature"`` and ``"adm"`` terms. Default: None.
+        embedding_hooks (list, optional): per member, where the embedding of the ``"mcl"`` term
+            comes from: the input of a named ``nn.Linear`` (e.g. ``"fc"``), or the output of any
+            other module (e.g. a pooling layer), flattened to ``[B, D]``. Default: None.
+        terms (list of str or Term, optional): the knowledge terms: ``"kl"``, ``"feature"``,
+            ``"mcl"``, ``"adm"`` or :class:`~competitive.terms.Term` instances. Default: ``["kl"]``,
+            plus ``"feature"`` when ``feature_hooks`` is given (the paper).
         rule (str): ``"best"`` (paper, default), ``"better"``, ``"mutual"`` or ``"independent"``.
         granularity (str): ``"batch"`` (paper, default) or ``"sample"``.
-        alpha (float): weight of the KL term. Default: 1.
-        beta (float): weight of the feature term. Default: 1.
-        temperature (float): softmax temperature of the KL term (``tau^2`` factor). Default: 1.
+        alpha (float): weight of the ``"kl"`` term. Default: 1.
+        beta (float): weight of the ``"feature"`` term. Default: 1.
+        temperature (float): softmax temperature of the ``"kl"`` term (``tau^2`` factor). Default: 1.
+        warmup_steps (int): ramp every term's weight linearly from 0 to its value over the first
+            ``warmup_steps`` steps (0: the paper's plain behaviour). Default: 0.
+        fixed_teacher (int, optional): this member always teaches (classic, offline KD with the
+            same terms; it must have a finite loss to teach). Only with ``rule="best"``. Default: None.
+        logits_from (str, int or callable, or a list of them, optional): where the logits are in a
+            member's output: an attribute or dict key, a tuple index, or ``output -> logits``; one
+            for all members or one per member. Default: the output itself, or its ``.logits``
+            (attribute or key) when it is not a tensor.
         perturbation (PerturbationPool, optional): perturb one random member's batch per step.
         perturb_prob (float): probability that a step perturbs at all. Default: 1.
-        seed (int, optional): seed of the group's ``torch.Generator`` (perturbation draws).
-            Default: drawn from torch's global generator.
-        compile (bool): run the loss math through ``torch.compile(fullgraph=True)``. Default: False.
+        seed (int, optional): seed of the group's CPU ``torch.Generator`` (perturbation draws).
+            Default: None, a fresh seed from the operating system's entropy (torch's global RNG
+            is not touched); ``group.seed`` tells which.
+        compile (bool): run the step math through ``torch.compile(fullgraph=True)``. Default: False.
         skip_nonfinite (bool): skip the optimizer step of a member whose loss is NaN or inf. This
             reads N flags back to the host each step (like ``GradScaler``). Default: False.
         autocast_dtype (torch.dtype, optional): run forwards under ``torch.autocast`` with this
-            dtype (e.g. ``torch.bfloat16``). Default: None.
-        example_input (Tensor, optional): a batch of inputs used once to create the feature
-            adapters at construction (otherwise they are created at the first step).
+            floating dtype (e.g. ``torch.bfloat16``). Default: None.
+        example_input (Tensor, optional): a batch of inputs used once (no gradient, eval mode)
+            to create the terms' adapters and heads when the group is built. Without it, parts
+            whose shapes need a forward are created at the first step.
         process_group (ProcessGroup, optional): ranks that agree on one teacher under DDP.
 
     Note:
-        Adapters between feature maps of different shapes (``"i_j"``: student ``i`` to teacher
-        ``j``) are added as a parameter group to ``optimizers[i]`` and trained by student ``i``'s
-        loss. Build LR schedulers after they exist (pass ``example_input``, or after step 1).
+        Learnable parts of the terms (adapters ``"i_j"`` from student ``i`` to teacher ``j``,
+        projection heads) are added as a parameter group to the optimizer of the member whose
+        loss trains them. Build LR schedulers after the group, and pass ``example_input`` when
+        the members' feature maps may differ in shape, so those parts exist by then; a group that
+        would add them to an optimizer that already has a scheduler refuses with a clear error.
 
     Example:
         >>> nets = [nn.Linear(4, 3), nn.Linear(4, 3)]
@@ -94,14 +156,19 @@ class CompetitiveGroup:
     def __init__(
         self,
         models: Sequence[nn.Module],
-        optimizers: Sequence[torch.optim.Optimizer],
+        optimizers: Sequence[torch.optim.Optimizer | None],
         *,
         feature_hooks: Sequence[HookSpec] | None = None,
+        embedding_hooks: Sequence[HookSpec] | None = None,
+        terms: Sequence[str | Term] | None = None,
         rule: str = "best",
         granularity: str = "batch",
         alpha: float = 1.0,
         beta: float = 1.0,
         temperature: float = 1.0,
+        warmup_steps: int = 0,
+        fixed_teacher: int | None = None,
+        logits_from: Any = None,
         perturbation: PerturbationPool | None = None,
         perturb_prob: float = 1.0,
         seed: int | None = None,
@@ -111,88 +178,148 @@ class CompetitiveGroup:
         example_input: Tensor | None = None,
         process_group: Any = None,
     ):
-        check.check_members(models, optimizers, feature_hooks)
-        check.check_settings(
+        check.check_members(models, optimizers, feature_hooks, embedding_hooks)
+        settings = check.check_settings(
             rule=rule,
             granularity=granularity,
             alpha=alpha,
             beta=beta,
             temperature=temperature,
             perturb_prob=perturb_prob,
+            warmup_steps=warmup_steps,
+            fixed_teacher=fixed_teacher,
+            n=len(models),
+            seed=seed,
+            compile=compile,
+            skip_nonfinite=skip_nonfinite,
+            autocast_dtype=autocast_dtype,
+            perturbation=perturbation,
         )
-        if perturbation is not None and not isinstance(perturbation, PerturbationPool):
-            raise TypeError(
-                f"Invalid perturbation ({type(perturbation).__name__}): please provide a PerturbationPool or None."
-            )
         self.models, self.optimizers = list(models), list(optimizers)
-        self.rule, self.granularity = rule, granularity
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
-        self.perturbation, self.perturb_prob = perturbation, float(perturb_prob)
+        self.rule, self.granularity, self.fixed_teacher = rule, granularity, fixed_teacher
+        self.alpha, self.beta, self.temperature = settings["alpha"], settings["beta"], settings["temperature"]
+        self.warmup_steps = warmup_steps
+        self.perturbation, self.perturb_prob = perturbation, settings["perturb_prob"]
         self.skip_nonfinite, self.autocast_dtype = skip_nonfinite, autocast_dtype
+        self.logits_from = check.check_logits_from(logits_from, len(self.models))
         self.devices = [next(m.parameters()).device for m in self.models]
-        self.device = self.devices[0]  # where the loss math runs
-        hooks = resolve_hooks(self.models, feature_hooks or [None] * len(self.models))
-        self.capture = FeatureCapture(hooks)
-        self.adapters = nn.ModuleDict()
-        self.feature_shapes: list[tuple[int, ...]] | None = None
+        self.device = self.devices[0]  # where the step math runs
+        self.terms = nn.ModuleList(
+            check.resolve_terms(terms, feature_hooks, embedding_hooks, alpha=alpha, beta=beta, temperature=temperature)
+        ).to(self.device)
+        n = len(self.models)
+        self.capture = {
+            "features": FeatureCapture(resolve_hooks(self.models, feature_hooks or [None] * n, "feature_hooks")),
+            "embeddings": FeatureCapture(
+                resolve_hooks(self.models, embedding_hooks or [None] * n, "embedding_hooks"), linear_input=True
+            ),
+        }
+        self.needs = sorted({need for term in self.terms for need in term.needs})
+        self.shapes: dict[str, list[tuple[int, ...]]] | None = None
+        self.seed = seed if seed is not None else torch.Generator().seed()
         self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        self.reduce_ce = global_mean(process_group) if granularity == "batch" else None
-        self.loss_fn = torch.compile(group_loss, fullgraph=True) if compile else group_loss
-        self._reset_stats()
-        self._pending_warnings: list = []
-        if example_input is not None and self.capture.enabled:
-            self._build_adapters_from(example_input)
+        self.generator.manual_seed(self.seed)
+        self.process_group = process_group
+        self.reduce_score = global_mean(process_group) if granularity == "batch" else None
+        self.loss_fn: Callable = torch.compile(step_losses, fullgraph=True) if compile else step_losses
+        self.counters = GroupStats(n).to(self.device)
+        self.watch = NonfiniteWatch(skip_nonfinite)
+        self.pool_checked = False
+        if not self.needs:
+            self.shapes = {}
+        elif example_input is not None:
+            self._build(self._probe(example_input))
+        else:
+            static = self.capture["embeddings"].static_shapes() if self.needs == ["embeddings"] else None
+            if static is not None:
+                self._build({"embeddings": static})
 
     # -- the step -----------------------------------------------------------------------------
-
-    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, StepResult]:
-        """Forward every member and compute the losses, leaving backward and stepping to the caller.
-
-        Returns ``(total, result)``: ``total`` is the sum of the members' losses (their parameters
-        are disjoint, so one backward gives each member exactly its own gradient).
-        """
-        x, y = check.check_batch(batch, self.devices)
-        generator_state = self.generator.get_state()
-        try:
-            return self._loss(x, y)
-        except BaseException:
-            # a failed step leaves the group as it was: same draws next time, no stale features
-            self.generator.set_state(generator_state)
-            self.capture.clear()
-            raise
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): losses, one backward, every optimizer steps, grads zeroed.
 
         Args:
-            batch: ``(inputs, targets)``, targets as class indices ``[B]``.
+            batch: ``(inputs, targets)``, targets as integer class indices ``[B]``.
             scaler (torch.amp.GradScaler, optional): scale the loss and unscale each optimizer.
         """
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "step() was called with gradients disabled (inside torch.no_grad() or inference_mode()), so "
+                "no member can learn. Call step() outside it; for validation use group.evaluate(batch)."
+            )
         total, result = self.loss(batch)
         (scaler.scale(total) if scaler is not None else total).backward()
+        try:
+            self.watch.wait()  # a step where no member's loss is finite raises here, before any update
+        except RuntimeError:
+            self.zero_grad()
+            raise
         skip = result.nonfinite.tolist() if self.skip_nonfinite else [False] * len(self.models)
         for optimizer, skipped in zip(self.optimizers, skip):
-            if not skipped:
+            if optimizer is not None and not skipped:
                 scaler.step(optimizer) if scaler is not None else optimizer.step()
         if scaler is not None:
             scaler.update()
         self.zero_grad()
         return result
 
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, StepResult]:
-        self._poll_nonfinite()
+    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, StepResult]:
+        """Forward every member and compute the losses, leaving backward and stepping to the caller.
+
+        Returns ``(total, result)``: ``total`` is the sum of the members' losses (their parameters
+        are disjoint, so one backward gives each member exactly its own gradient). Under
+        ``torch.no_grad()`` this is :meth:`evaluate`: nothing about the group moves.
+        """
+        if not torch.is_grad_enabled():
+            result = self.evaluate(batch)
+            return result.loss.sum(), result
+        return self._run(batch, train=True)
+
+    @torch.no_grad()
+    def evaluate(self, batch: tuple[Tensor, Tensor]) -> StepResult:
+        """The losses and the teacher of a batch, with no side effect on the group.
+
+        No perturbation, no counter or generator moves, no gradient. The members run in whatever
+        mode they are in (call ``group.eval()`` first for validation: BatchNorm statistics of
+        members in training mode are updated by any forward).
+        """
+        return self._run(batch, train=False)[1]
+
+    def _run(self, batch: tuple[Tensor, Tensor], *, train: bool) -> tuple[Tensor, StepResult]:
+        x, y = check.check_batch(batch, self.devices)
+        generator_state = self.generator.get_state()
+        try:
+            return self._losses(x, y, train)
+        except BaseException:
+            # a failed step leaves the group as it was: same draws next time, no stale captures
+            self.generator.set_state(generator_state)
+            for capture in self.capture.values():
+                capture.clear()
+            raise
+
+    def _losses(self, x: Tensor, y: Tensor, train: bool) -> tuple[Tensor, StepResult]:
+        if train:
+            self.watch.poll()
+            if self.perturbation is not None and not self.pool_checked:
+                self.perturbation.check(x, y, num_classes=self._num_classes(x))
+                self.pool_checked = True
         n = len(self.models)
-        perturbed, op_index, op_seed = self._draw()
+        perturbed, op_index, op_seed = self._draw() if train else (None, 0, 0)
+        skipped = None
+        if perturbed is not None and not self.perturbation.can_apply(op_index, x):
+            skipped = f"{self.perturbation.names[op_index]!r} needs a batch of at least 2; got {x.shape[0]}"
+            perturbed = None
         logits: list[Tensor | None] = [None] * n
-        clean = [i for i in range(n) if i != perturbed]
-        for i in clean:
-            logits[i] = self._forward(i, x)
-        num_classes = check.check_logits([logits[i] for i in clean], x.shape[0])
+        for i in range(n):
+            if i != perturbed:
+                logits[i] = self._forward(i, x)
+        clean = [logits[i] for i in range(n) if i != perturbed]
+        num_classes = check.check_logits(clean, x.shape[0], [i for i in range(n) if i != perturbed])
         check.check_targets(y, num_classes)
         targets = y.to(self.device)
         if perturbed is not None:
-            x_p, y_p = self.perturbation.apply(
+            x_p, y_p = self.perturbation.perturb(
                 op_index,
                 x.to(self.devices[perturbed]),
                 y.to(self.devices[perturbed]),
@@ -200,38 +327,57 @@ class CompetitiveGroup:
                 num_classes=num_classes,
             )
             logits[perturbed] = self._forward(perturbed, x_p)
-            num_classes = check.check_logits(logits, x.shape[0])
-            if y_p.dim() == 2:  # mixing: member `perturbed` learns from soft labels, the rest from y
-                targets = torch.nn.functional.one_hot(targets, num_classes).float().expand(n, -1, -1).clone()
-                targets[perturbed] = y_p.to(self.device, torch.float32)
-        features = self._features() if self.capture.enabled else None
-        terms, teacher, weights = self.loss_fn(
+            num_classes = check.check_logits(logits, x.shape[0], list(range(n)))
+            targets = _member_targets(targets, y_p.to(self.device), perturbed, n, num_classes)
+        captured = self._captured(x)
+        out = self.loss_fn(
             [z.to(self.device) for z in logits],
             targets,
-            features,
+            terms=self.terms,
+            features=captured.get("features"),
+            embeddings=captured.get("embeddings"),
             rule=self.rule,
             granularity=self.granularity,
-            alpha=self.alpha,
-            beta=self.beta,
-            temperature=self.temperature,
-            adapters=self.adapters if len(self.adapters) else None,
-            reduce_ce=self.reduce_ce,
+            reduce_score=self.reduce_score,
+            fixed_teacher=self.fixed_teacher,
         )
-        nonfinite = ~torch.isfinite(terms.loss)
-        self._watch_nonfinite(nonfinite, step=self.steps + 1)  # raises (on CPU: now) if none is finite
-        self._record(teacher, nonfinite, perturbed)
+        ramp = self.ramp if train else 1.0
+        loss = out.ce
+        for term in self.terms:
+            loss = loss + (ramp * term.weight) * out.terms[term.name]
+        nonfinite = ~torch.isfinite(loss)
+        total = loss.sum()
+        if train:
+            if not total.requires_grad:
+                raise RuntimeError(
+                    "No member has a trainable parameter in this step's graph (every parameter has "
+                    "requires_grad=False), so step() cannot update anything. Unfreeze at least one member."
+                )
+            self.watch.watch(nonfinite, step=self.counters.steps + 1)
+            self.watch.poll()  # on the CPU: raises now, before anything moves, if none is finite
+            self.counters.record(out.teacher, nonfinite, perturbed)
         result = StepResult(
-            teacher,
-            terms.ce.detach(),
-            terms.kl.detach(),
-            terms.feature.detach(),
-            terms.loss.detach(),
-            weights,
+            out.teacher,
+            out.ce.detach(),
+            {k: v.detach() for k, v in out.terms.items()},
+            loss.detach(),
+            out.weights,
             nonfinite,
             perturbed,
             None if perturbed is None else self.perturbation.names[op_index],
+            skipped,
         )
-        return terms.loss.sum(), result
+        return total, result
+
+    @property
+    def ramp(self) -> float:
+        """The factor on every term's weight at the next step (``warmup_steps``)."""
+        steps = self.counters.steps
+        return 1.0 if steps >= self.warmup_steps else steps / self.warmup_steps
+
+    @property
+    def steps(self) -> int:
+        return self.counters.steps
 
     def _draw(self) -> tuple[int | None, int, int]:
         """Which member is perturbed, by which operation, with which seed (all from the CPU generator)."""
@@ -245,101 +391,75 @@ class CompetitiveGroup:
     def _forward(self, i: int, x: Tensor) -> Tensor:
         x = x.to(self.devices[i], non_blocking=True)
         if self.autocast_dtype is None:
-            return self.models[i](x)
-        with torch.autocast(self.devices[i].type, dtype=self.autocast_dtype):
-            return self.models[i](x)
+            output = self.models[i](x)
+        else:
+            with torch.autocast(self.devices[i].type, dtype=self.autocast_dtype):
+                output = self.models[i](x)
+        return extract_logits(output, self.logits_from[i], member=i)
 
-    def _features(self) -> list[Tensor]:
-        features = self.capture.features
-        missing = [i for i, f in enumerate(features) if not isinstance(f, Tensor)]
-        if missing:
-            raise RuntimeError(
-                f"feature_hooks of members {missing} did not fire (or returned no tensor) in this forward."
-            )
-        if self.feature_shapes is None:
-            self._set_feature_shapes([tuple(f.shape[1:]) for f in features])
-        self.capture.clear()
-        return [f.to(self.device) for f in features]
-
-    def _build_adapters_from(self, example_input: Tensor) -> None:
-        modes = [m.training for m in self.models]
+    def _num_classes(self, x: Tensor) -> int:
         with torch.no_grad():
-            for i, model in enumerate(self.models):
-                model.eval()
-                self._forward(i, example_input)
-        for model, mode in zip(self.models, modes):
-            model.train(mode)
-        self._features()
+            modes = [m.training for m in self.models]
+            self.models[0].eval()
+            try:
+                z = self._forward(0, x[:1])
+            finally:
+                self.models[0].train(modes[0])
+                for capture in self.capture.values():
+                    capture.clear()
+        return check.check_logits([z], 1, [0])
 
-    def _set_feature_shapes(self, shapes: list[tuple[int, ...]]) -> None:
-        adapters = build_adapters([torch.Size(s) for s in shapes], member_of="models")
-        self.feature_shapes = shapes
-        for key, adapter in adapters.items():
-            student = int(key.split("_")[0])
-            adapter.to(self.device)
-            self.adapters[key] = adapter
-            # the adapter is part of the student's loss, so the student's optimizer trains it
-            self.optimizers[student].add_param_group({"params": list(adapter.parameters())})
+    def _captured(self, x: Tensor) -> dict[str, list[Tensor]]:
+        """The hooked outputs of this forward; builds the terms' parts on first sight of the shapes."""
+        captured = {}
+        for need in self.needs:
+            values = self.capture[need].take(need)
+            captured[need] = [v.to(self.device) for v in values]
+        if self.shapes is None:
+            self._build({k: [tuple(v.shape[1:]) for v in vs] for k, vs in captured.items()})
+        else:
+            check.check_shapes(captured, self.shapes, self.terms)
+        return captured
+
+    def _probe(self, example_input: Tensor) -> dict[str, list[tuple[int, ...]]]:
+        modes = [m.training for m in self.models]
+        try:
+            with torch.no_grad():
+                for i, model in enumerate(self.models):
+                    model.eval()
+                    self._forward(i, example_input.to(self.devices[i]))
+            return {need: [tuple(v.shape[1:]) for v in self.capture[need].take(need)] for need in self.needs}
+        finally:
+            for model, mode in zip(self.models, modes):
+                model.train(mode)
+            for capture in self.capture.values():
+                capture.clear()
+
+    def _build(self, shapes: dict[str, list[tuple[int, ...]]]) -> None:
+        """Create the terms' learnable parts and hand each to the optimizer of the member it belongs to."""
+        check.check_no_scheduler_yet(self.optimizers, self.terms, shapes)
+        for term in self.terms:
+            if term.needs:
+                term.build({need: shapes[need] for need in term.needs})
+        self.terms.to(self.device)
+        share_parameters(self.terms, self.process_group)  # identical on every rank, gradients averaged
+        owned = [[p for term in self.terms for p in term.member_parameters(i)] for i in range(len(self.models))]
+        check.check_owners(self.optimizers, owned)
+        for optimizer, params in zip(self.optimizers, owned):
+            if params:
+                # the part is trained by this member's loss, so this member's optimizer steps it
+                optimizer.add_param_group({"params": params})
+        self.shapes = shapes
+
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        """The ``"feature"`` term's adapters (``"i_j"``: student ``i`` to teacher ``j``)."""
+        for term in self.terms:
+            if term.name == "feature":
+                return term.adapters
+        return nn.ModuleDict()
 
     # -- statistics ---------------------------------------------------------------------------
-
-    def _reset_stats(self) -> None:
-        n = len(self.models)
-        self.steps = 0
-        self.counters = {
-            "teacher_count": torch.zeros(n, device=self.device),
-            "switches": torch.zeros((), device=self.device),
-            "nonfinite_count": torch.zeros(n, dtype=torch.long, device=self.device),
-            "perturbed_count": torch.zeros(n, dtype=torch.long, device=self.device),
-            "perturbed_wins": torch.zeros((), device=self.device),
-            "last_teacher": torch.full((), -1, dtype=torch.long, device=self.device),
-        }
-
-    def _record(self, teacher: Tensor, nonfinite: Tensor, perturbed: int | None) -> None:
-        c, n = self.counters, len(self.models)
-        share = (teacher.unsqueeze(-1) == torch.arange(n, device=self.device)).float()
-        share = share.mean(0) if share.dim() == 2 else share  # per sample: share of the batch taught
-        c["teacher_count"] += share
-        # the batch's teacher (the largest share per sample); -1 when no member had a finite CE
-        batch_teacher = torch.where(share.sum() > 0, share.argmax(), -1)
-        last = c["last_teacher"]
-        c["switches"] += ((batch_teacher != last) & (batch_teacher >= 0) & (last >= 0)).float()
-        c["last_teacher"] = batch_teacher
-        c["nonfinite_count"] += nonfinite.long()
-        if perturbed is not None:
-            c["perturbed_count"][perturbed] += 1
-            c["perturbed_wins"] += share[perturbed]
-        self.steps += 1
-
-    def _watch_nonfinite(self, nonfinite: Tensor, step: int) -> None:
-        # report without a host sync on GPU: copy the flags asynchronously and look at them once the
-        # copy is done (at a later step), not now
-        if nonfinite.device.type == "cpu":
-            self._pending_warnings.append((step, nonfinite.clone(), None))
-        else:
-            host = torch.empty(nonfinite.shape, dtype=torch.bool, pin_memory=True)
-            host.copy_(nonfinite, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending_warnings.append((step, host, event))
-        self._poll_nonfinite()
-
-    def _poll_nonfinite(self) -> None:
-        while self._pending_warnings and (self._pending_warnings[0][2] is None or self._pending_warnings[0][2].query()):
-            step, flags, _ = self._pending_warnings.pop(0)
-            if flags.all():
-                raise RuntimeError(
-                    f"Step {step}: the losses of all {flags.numel()} members are NaN or inf, so no member can "
-                    "teach. Check the inputs for NaN/inf, lower the learning rate, or use a GradScaler with fp16."
-                )
-            if flags.any():
-                members = flags.nonzero().flatten().tolist()
-                warnings.warn(
-                    f"Step {step}: the loss of members {members} is NaN or inf; they do not teach this step"
-                    + (" and skip their update." if self.skip_nonfinite else "."),
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -349,65 +469,67 @@ class CompetitiveGroup:
         ``switches`` (steps at which the batch's teacher changed); ``nonfinite_count``;
         ``perturbed_count`` and ``perturbed_wins`` (steps at which the perturbed member won).
         """
-        c = self.counters
-        return {
-            "steps": self.steps,
-            "teacher_count": c["teacher_count"].tolist(),
-            "switches": c["switches"].item(),
-            "nonfinite_count": c["nonfinite_count"].tolist(),
-            "perturbed_count": c["perturbed_count"].tolist(),
-            "perturbed_wins": c["perturbed_wins"].item(),
-        }
+        return self.counters.summary()
 
     # -- torch conventions --------------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=set_to_none)
 
     def train(self, mode: bool = True) -> "CompetitiveGroup":
         for model in self.models:
             model.train(mode)
-        self.adapters.train(mode)
+        self.terms.train(mode)
         return self
 
     def eval(self) -> "CompetitiveGroup":
         return self.train(False)
 
     def state_dict(self) -> dict[str, Any]:
-        """Members, optimizers, adapters, counters and the perturbation generator."""
+        """Members, optimizers, the terms' parts (adapters, heads), counters and the generator."""
         return {
             "models": [m.state_dict() for m in self.models],
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "feature_shapes": self.feature_shapes,
-            "adapters": self.adapters.state_dict(),
-            "counters": {k: v.clone() for k, v in self.counters.items()},
-            "steps": self.steps,
+            "optimizers": [None if o is None else o.state_dict() for o in self.optimizers],
+            "shapes": self.shapes,
+            "terms": self.terms.state_dict(),
+            "counters": self.counters.state_dict(),
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        n = len(self.models)
-        if len(state_dict["models"]) != n:
-            raise ValueError(f"Invalid state_dict: it holds {len(state_dict['models'])} members; this group has {n}.")
-        shapes = state_dict["feature_shapes"]
-        if shapes is not None and self.feature_shapes is None:
-            self._set_feature_shapes([tuple(s) for s in shapes])  # adapters exist before loading
+        check.check_state_dict(state_dict, len(self.models))
+        if self.shapes is None and state_dict["shapes"] is not None:
+            self._build({k: [tuple(s) for s in v] for k, v in state_dict["shapes"].items()})  # parts exist first
         for model, state in zip(self.models, state_dict["models"]):
             model.load_state_dict(state)
-        self.adapters.load_state_dict(state_dict["adapters"])
+        self.terms.load_state_dict(state_dict["terms"])
         for optimizer, state in zip(self.optimizers, state_dict["optimizers"]):
-            optimizer.load_state_dict(state)
-        self.counters = {k: v.to(self.device) for k, v in state_dict["counters"].items()}
-        self.steps = state_dict["steps"]
+            if optimizer is not None:
+                optimizer.load_state_dict(state)
+        self.counters.load_state_dict(state_dict["counters"])
         self.generator.set_state(state_dict["generator"])
 
     def close(self) -> None:
-        """Remove the feature hooks from the members."""
-        self.capture.remove()
+        """Remove the hooks from the members."""
+        for capture in self.capture.values():
+            capture.remove()
 
     def __enter__(self) -> "CompetitiveGroup":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: int) -> Tensor:
+    """Per-member targets: the perturbed member's own labels beside everyone else's ``y``."""
+    if y_p.dim() == 1:  # new class indices (e.g. a permuted batch)
+        targets = y.expand(n, -1).clone()
+        targets[perturbed] = y_p
+        return targets
+    # mixing: member `perturbed` learns from soft labels, the rest from y
+    targets = torch.nn.functional.one_hot(y, num_classes).float().expand(n, -1, -1).clone()
+    targets[perturbed] = y_p.to(torch.float32)
+    return targets

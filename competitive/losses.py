@@ -1,10 +1,10 @@
-"""The per-step loss math of each iteration (paper §3.3, Eq. 8-11).
+"""The per-step math of each iteration (paper §3.3, Eq. 7-11), as pure functions.
 
-``competitive_loss(logits, targets, weights, ...)`` is one pure function of the members' logits,
-targets, features and the weight matrix ``W`` of :mod:`competitive.selection`; ``group_loss``
-chains cross-entropy, selection and this loss, and is what :class:`~competitive.CompetitiveGroup`
-runs (eagerly, or compiled with ``torch.compile(fullgraph=True)``). No function here reads a tensor
-back to the host.
+:func:`step_losses` is what :class:`~competitive.CompetitiveGroup` runs every step (eagerly, or
+compiled with ``torch.compile(fullgraph=True)``): cross-entropy, the competition, ``W``, then every
+knowledge term of :mod:`competitive.terms`. :func:`group_loss` and :func:`competitive_loss` are
+the same math for the paper's two terms (KL and feature L2) with the weights applied. No function
+here reads a tensor back to the host.
 """
 
 from collections.abc import Callable, Sequence
@@ -13,12 +13,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .selection import _weights_for_teacher, teacher_index
-
-
-def _upcast(x: Tensor) -> Tensor:
-    # losses in at least float32, also when the members run in bf16 / fp16 under autocast
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from .selection import check_rule, teacher_index, weights_for_teacher
+from .terms.base import StepOutputs, Term, upcast
+from .terms.feature import feature_term
+from .terms.kl import kl_term
 
 
 class LossTerms(NamedTuple):
@@ -30,60 +28,122 @@ class LossTerms(NamedTuple):
     loss: Tensor
 
 
+class StepLosses(NamedTuple):
+    """What :func:`step_losses` computed: ``ce`` ``[N]``, ``terms`` (name -> unweighted ``[N]``),
+    ``teacher`` (scalar or ``[B]``, ``-1`` where no member may teach) and ``weights`` (``W``)."""
+
+    ce: Tensor
+    terms: dict[str, Tensor]
+    teacher: Tensor
+    weights: Tensor
+
+
 def cross_entropy(log_probs: Tensor, targets: Tensor) -> Tensor:
     """Per-member, per-sample cross-entropy ``[N, B]`` (paper Eq. 7).
 
     Args:
         log_probs (Tensor): ``[N, B, C]`` log-softmax of each member's logits.
-        targets (Tensor): class indices ``[B]`` shared by all members, or one (soft) label
-            distribution per member ``[N, B, C]``.
+        targets (Tensor): class indices ``[B]`` shared by all members, one row of indices per
+            member ``[N, B]``, or one (soft) label distribution per member ``[N, B, C]``.
     """
     if targets.dim() == 1:
-        index = targets.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
-        return -log_probs.gather(-1, index).squeeze(-1)
+        targets = targets.expand(log_probs.shape[0], -1)
+    if targets.dim() == 2:
+        return -log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return -(targets * log_probs).sum(dim=-1)
 
 
-def _per_sample_weights(weights: Tensor, batch: int) -> Tensor:
-    # [N, N] (one teacher per batch) or [B, N, N] (one per sample) -> [B, N, N]
-    return weights.expand(batch, -1, -1) if weights.dim() == 2 else weights
+def competition_score(ce_per_sample: Tensor, targets: Tensor) -> Tensor:
+    """What the members compete on, per sample ``[N, B]``: ``KL(label || p) = CE - H(label)``.
+
+    Identical to the CE for hard labels; for a mixed (soft) label it does not count the label's
+    own entropy against the member that was trained on it (a member predicting a 50/50 mix exactly
+    scores 0, not 0.69).
+    """
+    score = ce_per_sample.detach()
+    if targets.dim() == 3:
+        score = score + torch.xlogy(targets, targets).sum(dim=-1)
+    return score
 
 
-def _feature_loss(
-    features: Sequence[Tensor],
-    weights: Tensor,
-    teaches: Tensor,
-    adapters: nn.ModuleDict | None,
-) -> Tensor:
-    """``sum_j W[i, j] * mean((A_ij(F_i) - F_j)^2)`` per member and sample, ``[N, B]`` (Eq. 10)."""
-    n, batch = len(features), features[0].shape[0]
-    w = _per_sample_weights(weights, batch)  # [B, N, N]
-    # the teacher's target carries no gradient; a member that cannot teach contributes zeros
-    targets = [torch.where(teaches[j].view(-1, *[1] * (f.dim() - 1)), f.detach(), 0.0) for j, f in enumerate(features)]
-    if all(f.shape == features[0].shape for f in features) and not adapters:
-        f = _upcast(torch.stack(features).flatten(2))  # [N, B, D]
-        t = _upcast(torch.stack(targets).flatten(2))
-        # sum_j W_ij (F_i - F_j)^2 = s_i (F_i - G_i)^2 + (sum_j W_ij F_j^2 - s_i G_i^2),
-        # with s_i = sum_j W_ij in {0, 1} and G_i = sum_j W_ij F_j; the second term is the
-        # (gradient-free) spread of the teachers, exactly 0 for one teacher.
-        g = torch.einsum("bij,jbd->ibd", w, t)
-        s = w.sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # [N, B, 1]
-        spread = torch.einsum("bij,jbd->ibd", w, t.square()) - s * g.square()
-        return ((s * f - g).square() + spread.clamp_min(0.0)).mean(dim=-1)
-    rows = []
-    for i in range(n):
-        row = []
-        for j in range(n):
-            if i == j:
-                row.append(_upcast(features[i].new_zeros(batch)))
-                continue
-            key = f"{i}_{j}"
-            student = adapters[key](features[i]) if adapters is not None and key in adapters else features[i]
-            diff = _upcast(student) - _upcast(targets[j])
-            row.append(diff.square().flatten(1).mean(dim=1))
-        rows.append(torch.stack(row, dim=-1))  # [B, N]
-    pair = torch.stack(rows)  # [N, B, N]: pair[i, b, j]
-    return (pair * w.permute(1, 0, 2)).sum(dim=-1)
+def _finite_samples(values: Sequence[Tensor] | None, batch: int, like: Tensor) -> Tensor:
+    if values is None:
+        return torch.ones(len(like), batch, dtype=torch.bool, device=like.device)
+    return torch.stack([torch.isfinite(v.detach().reshape(batch, -1)).all(dim=1).to(like.device) for v in values])
+
+
+def step_losses(
+    logits: Sequence[Tensor],
+    targets: Tensor,
+    *,
+    terms: Sequence[Term] = (),
+    features: Sequence[Tensor] | None = None,
+    embeddings: Sequence[Tensor] | None = None,
+    rule: str = "best",
+    granularity: str = "batch",
+    reduce_score: Callable[[Tensor], Tensor] | None = None,
+    fixed_teacher: int | None = None,
+) -> StepLosses:
+    """Cross-entropy, competition, ``W`` and every term: one group step's math, without weights.
+
+    A member may teach a sample only where its CE and all its hooked outputs are finite; the
+    teacher is the member with the lowest :func:`competition_score` among those (ties: lowest
+    index). Every term reads the same ``W``.
+
+    Args:
+        logits (sequence of Tensor): ``N`` tensors ``[B, C]``.
+        targets (Tensor): ``[B]`` or ``[N, B]`` class indices, or ``[N, B, C]`` label rows.
+        terms (sequence of Term): the knowledge terms. Default: none (CE only).
+        features, embeddings (sequence of Tensor, optional): per-member hooked outputs.
+        rule (str): see :func:`~competitive.distillation_weights`. Default: ``"best"``.
+        granularity (str): ``"batch"`` (one teacher per batch, the paper) or ``"sample"``.
+        reduce_score (callable, optional): applied to the batch scores ``[N]`` before selection
+            (an all-reduce, so every process picks the same teacher). Only with ``"batch"``.
+        fixed_teacher (int, optional): this member teaches wherever it may (``rule="best"``).
+    """
+    outputs, ce, teacher, weights = _compete(
+        logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher
+    )
+    values = {term.name: term(outputs, weights) for term in terms}
+    return StepLosses(ce, values, teacher, weights)
+
+
+def _compete(logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher=None):
+    """CE, which member may teach which sample, the teacher and ``W`` (Eq. 4, 7)."""
+    check_rule(rule, granularity)
+    log_probs = torch.stack([upcast(z) for z in logits]).log_softmax(dim=-1)
+    ce_per_sample = cross_entropy(log_probs, targets)
+    batch = ce_per_sample.shape[1]
+    # a member may act as a target only where all its outputs are finite
+    teaches = (
+        torch.isfinite(ce_per_sample)
+        & _finite_samples(features, batch, ce_per_sample)
+        & _finite_samples(embeddings, batch, ce_per_sample)
+    )
+    score = torch.where(teaches, competition_score(ce_per_sample, targets), torch.nan)
+    if granularity == "batch":
+        score = score.mean(dim=1)
+        if reduce_score is not None:
+            score = reduce_score(score)
+    else:
+        score = score.transpose(0, 1)  # [B, N]
+    teacher = teacher_index(score)
+    if fixed_teacher is not None:
+        # offline KD: the fixed member teaches wherever its own outputs are finite
+        teacher = torch.where(torch.isfinite(score[..., fixed_teacher]), fixed_teacher, -1)
+    weights = weights_for_teacher(score, rule=rule, teacher=teacher)
+    labels = targets.argmax(dim=-1) if targets.dim() == 3 else targets.expand(len(logits), -1)
+    outputs = StepOutputs(logits, log_probs, labels, teaches, features, embeddings)
+    return outputs, ce_per_sample.mean(dim=1), teacher, weights
+
+
+def _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce) -> LossTerms:
+    kl = kl_term(log_probs, teaches, weights, temperature=temperature, logits=logits)
+    if features is None:
+        feature = torch.zeros_like(kl)
+    else:
+        feature = feature_term(features, teaches, weights, adapters if adapters else None)
+    return LossTerms(ce, kl, feature, ce + alpha * kl + beta * feature)
 
 
 def competitive_loss(
@@ -97,9 +157,7 @@ def competitive_loss(
     beta: float = 1.0,
     temperature: float = 1.0,
 ) -> LossTerms:
-    """Each member's loss ``L_i = L_C,i + alpha * L_D,i + beta * L_F,i`` (paper Eq. 8-11).
-
-    With ``W`` from :func:`~competitive.distillation_weights`:
+    """Each member's loss ``L_i = L_C,i + alpha * L_D,i + beta * L_F,i`` for a given ``W`` (Eq. 8-11).
 
     - ``L_C,i``: the batch mean of the cross-entropy (Eq. 7).
     - ``L_D,i = tau^2 * sum_j W_ij KL(p_j || p_i)`` with ``p = softmax(z / tau)``, summed over
@@ -129,31 +187,11 @@ def competitive_loss(
         >>> competitive_loss(z, torch.tensor([0]), w).kl
         tensor([0.0000, 1.5232])
     """
-    log_probs = torch.stack([_upcast(z) for z in logits]).log_softmax(dim=-1)
+    log_probs = torch.stack([upcast(z) for z in logits]).log_softmax(dim=-1)
     ce_per_sample = cross_entropy(log_probs, targets)
-    return _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature)
-
-
-def _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature):
-    batch = ce_per_sample.shape[1]
-    # only a member with a finite CE (on this sample) may act as a target for the others
     teaches = torch.isfinite(ce_per_sample)
-    if temperature != 1.0:
-        log_probs = (torch.stack([_upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
-    p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
-    w = _per_sample_weights(weights, batch).to(p.dtype)
-    # sum_j W_ij KL(p_j || p_i) = sum_j W_ij sum_c p_j log p_j - sum_c q_i log p_i,
-    # with q_i = sum_j W_ij p_j the (averaged) teacher distribution
-    q = torch.einsum("bij,jbc->ibc", w, p)
-    neg_entropy = torch.xlogy(p, p).sum(dim=-1)  # [N, B]
-    kl = torch.einsum("bij,jb->ib", w, neg_entropy) - (q * log_probs).sum(dim=-1)
-    kl = kl.mean(dim=1) * temperature**2
-    if features is None:
-        feature = torch.zeros_like(kl)
-    else:
-        feature = _feature_loss(features, weights, teaches, adapters).mean(dim=1)
     ce = ce_per_sample.mean(dim=1)
-    return LossTerms(ce, kl, feature, ce + alpha * kl + beta * feature)
+    return _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce)
 
 
 def group_loss(
@@ -169,29 +207,28 @@ def group_loss(
     adapters: nn.ModuleDict | None = None,
     reduce_ce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[LossTerms, Tensor, Tensor]:
-    """Cross-entropy, selection and loss in one pure function: what a group step computes.
+    """Cross-entropy, selection and the paper's loss in one pure function.
 
     Args:
         logits, targets, features, adapters, alpha, beta, temperature: as in
             :func:`competitive_loss`.
         rule (str): selection rule, see :func:`~competitive.distillation_weights`.
         granularity (str): ``"batch"`` (one teacher per batch, the paper) or ``"sample"``.
-        reduce_ce (callable, optional): applied to the batch CE ``[N]`` before selection, e.g. an
-            all-reduce so every process picks the same teacher. Only with ``"batch"``.
+        reduce_ce (callable, optional): applied to the batch scores ``[N]`` before selection, e.g.
+            an all-reduce so every process picks the same teacher. Only with ``"batch"``.
 
     Returns:
         ``(terms, teacher, weights)``: the :class:`LossTerms`, the teacher index (a scalar, or
         ``[B]`` per sample; ``-1`` where no CE is finite) and ``W``.
+
+    Example:
+        >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+        >>> terms, teacher, w = group_loss(z, torch.tensor([0]))
+        >>> int(teacher), terms.kl  # member 0 has the lower CE and teaches member 1
+        (0, tensor([0.0000, 1.5232]))
     """
-    log_probs = torch.stack([_upcast(z) for z in logits]).log_softmax(dim=-1)
-    ce_per_sample = cross_entropy(log_probs, targets)
-    if granularity == "batch":
-        score = ce_per_sample.detach().mean(dim=1)
-        if reduce_ce is not None:
-            score = reduce_ce(score)
-    else:
-        score = ce_per_sample.detach().transpose(0, 1)  # [B, N]
-    teacher = teacher_index(score)
-    weights = _weights_for_teacher(score, rule=rule, teacher=teacher)
-    terms = _loss_terms(log_probs, ce_per_sample, logits, weights, features, adapters, alpha, beta, temperature)
+    out, ce, teacher, weights = _compete(logits, targets, features, None, rule, granularity, reduce_ce)
+    terms = _weighted_terms(
+        out.log_probs, out.teaches, logits, weights, features, adapters, alpha, beta, temperature, ce
+    )
     return terms, teacher, weights

@@ -102,7 +102,7 @@ class PerturbationPool(nn.Module):
     Example:
         >>> pool = PerturbationPool()
         >>> x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-        >>> x2, y2 = pool.apply(pool.names.index("mixup"), x, y, seed=0, num_classes=10)
+        >>> x2, y2 = pool.perturb(pool.names.index("mixup"), x, y, seed=0, num_classes=10)
         >>> y2.shape, bool(torch.allclose(y2.sum(dim=1), torch.ones(4)))
         (torch.Size([4, 10]), True)
     """
@@ -148,35 +148,114 @@ class PerturbationPool(nn.Module):
         seed = torch.randint(2**62, (), generator=generator).item()
         return index, seed
 
-    def apply(self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    def can_apply(self, index: int, x: Tensor) -> bool:
+        """Whether operation ``index`` can run on ``x`` (mixing needs a batch of at least 2)."""
+        return self.kinds[index] != "mix" or x.shape[0] >= 2
+
+    def check(self, x: Tensor, y: Tensor, *, num_classes: int) -> None:
+        """Run every operation once on (a slice of) the batch, so that inputs an operation cannot
+        handle are refused now, naming it, and not at a random later step. Draws nothing from any
+        generator the caller sees."""
+        if x.dim() != 4:
+            raise ValueError(
+                f"Perturbation {self.names[0]!r} needs an image batch [B, C, H, W]; got inputs of shape "
+                f"{list(x.shape)}. Use perturbation=None for non-image inputs."
+            )
+        x, y = x[:2].detach(), y[:2]
+        for index, name in enumerate(self.names):
+            if not self.can_apply(index, x):
+                continue
+            try:
+                self.perturb(index, x, y, seed=0, num_classes=num_classes)
+            except (ValueError, TypeError) as error:
+                if name in str(error):
+                    raise
+                raise ValueError(
+                    f"Perturbation {name!r} cannot handle inputs of shape {list(x.shape)[1:]} (per sample): {error}"
+                ) from error
+            except RuntimeError as error:
+                raise ValueError(
+                    f"Perturbation {name!r} cannot handle inputs of shape {list(x.shape)[1:]} (per sample): {error}. "
+                    "Give the pool operations that suit these inputs, or perturbation=None."
+                ) from error
+
+    def perturb(self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int) -> tuple[Tensor, Tensor]:
         """Apply operation ``index`` to the batch ``(x, y)``, deterministically from ``seed``.
 
         Returns ``(x', y')``: ``y'`` stays class indices ``[B]`` unless the operation mixes images,
-        then it is ``[B, num_classes]`` with rows summing to 1.
+        then it is ``[B, num_classes]`` with rows summing to 1. An operation of the ``(x, y) ->
+        (x', y')`` kind may return new class indices ``[B]`` (they are used) or label rows.
         """
-        op, kind = self.operations[index], self.kinds[index]
+        op, kind, name = self.operations[index], self.kinds[index], self.names[index]
         if x.dim() != 4:
             raise ValueError(
-                f"Perturbation {self.names[index]!r} needs an image batch [B, C, H, W]; got inputs "
+                f"Perturbation {name!r} needs an image batch [B, C, H, W]; got inputs "
                 f"of shape {list(x.shape)}. Use perturbation=None for non-image inputs."
             )
-        if kind == "mix" and x.shape[0] < 2:
-            raise ValueError(
-                f"Perturbation {self.names[index]!r} mixes images and needs a batch of at least 2; got {x.shape[0]}."
-            )
+        if not self.can_apply(index, x):
+            raise ValueError(f"Perturbation {name!r} mixes images and needs a batch of at least 2; got {x.shape[0]}.")
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
             torch.manual_seed(seed)
-            if kind == "mix":
-                out, params = op(x, y)
-                return out, _soft_labels(y, params.to(x.device), num_classes)
-            if kind == "image":
-                return op(x), y
-            out, y_out = op(x, y)
+            try:
+                if kind == "mix":
+                    out = op(x, y)
+                elif kind == "image":
+                    out = op(x)
+                else:
+                    out = op(x, y)
+            except TypeError as error:
+                raise TypeError(f"Perturbation {name!r} could not be called: {error}. {_EXPECTED[kind]}") from error
+        if kind == "mix":
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
+            out, params = out
+            return out, _soft_labels(y, params.to(x.device), num_classes)
+        if kind == "image":
+            if not isinstance(out, Tensor):
+                raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
+            return out, y
+        if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
+            raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
+        out, y_out = out
         if out.shape != x.shape or y_out.shape not in (y.shape, (y.shape[0], num_classes)):
             raise ValueError(
-                f"Perturbation {self.names[index]!r} returned inputs {list(out.shape)} and targets "
+                f"Perturbation {name!r} returned inputs {list(out.shape)} and targets "
                 f"{list(y_out.shape)}; expected inputs {list(x.shape)} and targets {list(y.shape)} "
                 f"(class indices) or {[y.shape[0], num_classes]} (label rows)."
             )
+        _check_labels(name, y_out, num_classes)
         return out, y_out
+
+
+_EXPECTED = {
+    "mix": "A kornia mixing module must be built with data_keys=['input', 'class'] and return (images, params).",
+    "image": "A kornia augmentation must take the image batch [B, C, H, W] and return the perturbed batch.",
+    "pair": "An operation must be a kornia module or a callable (x, y) -> (x', y'), with y' class indices [B] "
+    "or label rows [B, C] that sum to 1.",
+}
+
+
+def _check_labels(name: str, y: Tensor, num_classes: int) -> None:
+    """Class indices must be integers in range; label rows must be distributions."""
+    if y.dim() == 1:
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(
+                f"Perturbation {name!r} returned class indices of dtype {y.dtype}; class indices must be an integer "
+                f"tensor [B] (for soft labels return rows [B, {num_classes}] that sum to 1)."
+            )
+        ok = ((y >= 0) & (y < num_classes)).all()
+        message = f"Perturbation {name!r} returned class indices outside [0, {num_classes})."
+    else:
+        if not y.is_floating_point():
+            raise TypeError(f"Perturbation {name!r} returned label rows of dtype {y.dtype}; expected floating point.")
+        ok = ((y >= 0).all() & ((y.sum(dim=1) - 1).abs() <= 1e-3).all()) & torch.isfinite(y).all()
+        message = (
+            f"Perturbation {name!r} returned label rows that are not distributions "
+            "(every entry must be >= 0 and every row must sum to 1)."
+        )
+    if y.device.type == "cpu":
+        if not ok:
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)  # checked on the device, without waiting for it

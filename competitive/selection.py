@@ -14,6 +14,14 @@ RULES = ("best", "better", "mutual", "independent")
 GRANULARITIES = ("batch", "sample")
 
 
+def check_rule(rule: str, granularity: str = "batch") -> None:
+    """Refuse an unknown ``rule`` or ``granularity`` by name (the pure functions never guess)."""
+    if rule not in RULES:
+        raise ValueError(f"Invalid rule {rule!r}. Please provide one of {RULES}.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"Invalid granularity {granularity!r}. Please provide one of {GRANULARITIES}.")
+
+
 def _ranking_key(ce: Tensor) -> Tensor:
     # a NaN or inf cross-entropy ranks last, so it can never teach
     return torch.where(torch.isfinite(ce), ce, torch.full_like(ce, torch.inf))
@@ -66,12 +74,11 @@ def distillation_weights(ce: Tensor, *, rule: str = "best") -> Tensor:
                 [0., 0., 0.],
                 [0., 1., 0.]])
     """
-    if rule not in RULES:
-        raise ValueError(f"Invalid rule {rule!r}. Please provide one of {RULES}.")
-    return _weights_for_teacher(ce, rule=rule, teacher=teacher_index(ce) if rule == "best" else None)
+    check_rule(rule)
+    return weights_for_teacher(ce, rule=rule, teacher=teacher_index(ce) if rule == "best" else None)
 
 
-def _weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Tensor:
+def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Tensor:
     """:func:`distillation_weights` for a ``teacher`` already computed by :func:`teacher_index`."""
     n = ce.shape[-1]
     finite = torch.isfinite(ce)

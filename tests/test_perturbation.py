@@ -64,7 +64,7 @@ def test_each_operation_changes_only_the_chosen_member_input(name):
 def test_labels_stay_hard_or_become_rows_that_sum_to_one(name):
     pool = PerturbationPool({name: default_operations()[name]})
     x, y = _batch()
-    x2, y2 = pool.apply(0, x, y, seed=3, num_classes=10)
+    x2, y2 = pool.perturb(0, x, y, seed=3, num_classes=10)
     if name in MIXING:
         assert y2.shape == (8, 10) and y2.dtype == torch.float32
         torch.testing.assert_close(y2.sum(1), torch.ones(8))
@@ -82,7 +82,7 @@ def test_mixing_uses_soft_labels_in_the_member_cross_entropy():
     x, y = _batch()
     result = group.step((x, y))
     k = result.perturbed
-    _, soft = pool.apply(0, x, y, seed=_seed_of_first_draw(pool, group_seed=0), num_classes=10)
+    _, soft = pool.perturb(0, x, y, seed=_seed_of_first_draw(pool, group_seed=0), num_classes=10)
     logits = members[k].net(members[k].seen[-1])
     expected = -(soft * logits.log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(result.ce[k], expected.detach())
@@ -98,9 +98,9 @@ def _seed_of_first_draw(pool, group_seed):
 def test_noise_keeps_the_normalization_and_does_not_clamp():
     x, y = _batch()
     for name in ("gaussian_noise", "salt_and_pepper"):
-        x2, _ = PerturbationPool({name: default_operations()[name]}).apply(0, x, y, seed=0, num_classes=10)
+        x2, _ = PerturbationPool({name: default_operations()[name]}).perturb(0, x, y, seed=0, num_classes=10)
         assert x2.min() < 0 and x2.max() > 1  # not squeezed into [0, 1]
-    x2, _ = PerturbationPool({"sp": default_operations()["salt_and_pepper"]}).apply(0, x, y, seed=0, num_classes=10)
+    x2, _ = PerturbationPool({"sp": default_operations()["salt_and_pepper"]}).perturb(0, x, y, seed=0, num_classes=10)
     changed = (x2 - x).abs() > 1e-4  # the round trip through [0, 1] moves the rest by rounding only
     # salt and pepper become each image's own max and min
     lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
@@ -194,15 +194,15 @@ def test_input_errors():
     with pytest.raises(
         ValueError, match=r"Perturbation 'mixup' needs an image batch \[B, C, H, W\]; got inputs of shape \[4, 8\]"
     ):
-        pool.apply(0, torch.randn(4, 8), torch.zeros(4, dtype=torch.long), seed=0, num_classes=3)
+        pool.perturb(0, torch.randn(4, 8), torch.zeros(4, dtype=torch.long), seed=0, num_classes=3)
     with pytest.raises(ValueError, match=r"Perturbation 'cutmix' mixes images and needs a batch of at least 2; got 1"):
-        pool.apply(1, torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), seed=0, num_classes=3)
+        pool.perturb(1, torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), seed=0, num_classes=3)
     with pytest.raises(ValueError, match=r"Invalid weights \[1.0\]: please provide 8 finite, non-negative numbers"):
         PerturbationPool(weights=[1.0])
     with pytest.raises(TypeError, match=r"Invalid operations \['bad' \(int\)\]: each must be a kornia module"):
         PerturbationPool({"bad": 3})
     with pytest.raises(ValueError, match=r"returned inputs \[4, 3, 8, 8\] and targets \[4, 7\]"):
-        PerturbationPool([lambda x, y: (x, torch.zeros(4, 7))]).apply(
+        PerturbationPool([lambda x, y: (x, torch.zeros(4, 7))]).perturb(
             0, torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), seed=0, num_classes=3
         )
 
@@ -236,5 +236,5 @@ def test_weights_choose_operations():
 def test_operations_run_on_the_batch_device(name):
     pool = PerturbationPool({name: default_operations()[name]}).cuda()
     x, y = _batch()
-    x2, y2 = pool.apply(0, x.cuda(), y.cuda(), seed=0, num_classes=10)
+    x2, y2 = pool.perturb(0, x.cuda(), y.cuda(), seed=0, num_classes=10)
     assert x2.device.type == "cuda" and y2.device.type == "cuda"

@@ -1,0 +1,57 @@
+"""``L_D``: the student imitates its teachers' class distributions (paper Eq. 9)."""
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import StepOutputs, Term, per_sample, upcast
+
+
+def kl_term(log_probs: Tensor, teaches: Tensor, weights: Tensor, *, temperature: float = 1.0, logits=None) -> Tensor:
+    """``tau^2 * sum_j W_ij KL(p_j || p_i)`` per member, ``batchmean`` over the samples: ``[N]``.
+
+    ``p = softmax(z / tau)``. ``p_j`` is a target (no gradient reaches the teacher through it), and
+    a member that cannot teach (``teaches`` False) contributes nothing.
+    """
+    if temperature != 1.0:
+        log_probs = (torch.stack([upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
+    p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
+    w = per_sample(weights, log_probs.shape[1]).to(p.dtype)
+    # sum_j W_ij KL(p_j || p_i) = sum_j W_ij sum_c p_j log p_j - sum_c q_i log p_i,
+    # with q_i = sum_j W_ij p_j the (averaged) teacher distribution
+    q = torch.einsum("bij,jbc->ibc", w, p)
+    neg_entropy = torch.xlogy(p, p).sum(dim=-1)  # [N, B]
+    kl = torch.einsum("bij,jb->ib", w, neg_entropy) - (q * log_probs).sum(dim=-1)
+    return kl.mean(dim=1) * temperature**2
+
+
+class KL(Term):
+    """Logit distillation, ``tau^2 * sum_j W_ij KL(softmax(z_j / tau) || softmax(z_i / tau))`` (Eq. 9).
+
+    Args:
+        weight (float): ``alpha``. Default: 1.
+        temperature (float): ``tau``. Default: 1.
+
+    Example:
+        >>> from competitive.terms import StepOutputs
+        >>> z = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]]).log_softmax(-1)  # [N=2, B=1, C=2]
+        >>> out = StepOutputs([z[0], z[1]], z, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool))
+        >>> KL()(out, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))  # member 0 teaches member 1
+        tensor([0.0000, 1.5232])
+    """
+
+    name = "kl"
+
+    def __init__(self, weight: float = 1.0, *, temperature: float = 1.0):
+        super().__init__(weight)
+        temperature = float(temperature) if isinstance(temperature, (int, float)) else temperature
+        if not isinstance(temperature, float) or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"Invalid temperature value {temperature!r} provided. Please provide a finite value > 0.")
+        self.temperature = temperature
+
+    def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
+        return kl_term(outputs.log_probs, outputs.teaches, weights, temperature=self.temperature, logits=outputs.logits)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, temperature={self.temperature}"
