@@ -29,14 +29,24 @@ from models import build  # noqa: E402
 
 from competitive import CompetitiveGroup, PerturbationPool  # noqa: E402
 
-# name -> (rule, feature loss, perturbation); DML is published without a feature loss
+# name -> (rule, knowledge terms, perturb_prob, warmup_steps or None for the library's default); DML and MCL are published without a feature loss.
+# "+F" adds the feature L2 on each model's default feature map, "+P" the perturbation pool (the
+# number after it is perturb_prob in %), "adm" the ADM-style spatial term on the same maps, "mcl"
+# Mutual Contrastive Learning on the classifier's input (the reference recipe: no logit KL).
 SETTINGS = {
-    "independent": ("independent", False, False),
-    "mutual": ("mutual", False, False),
-    "competitive": ("best", False, False),
-    "competitive+F": ("best", True, False),
-    "competitive+P": ("best", False, True),
-    "competitive+F+P": ("best", True, True),
+    "independent": ("independent", (), 0.0, None),
+    "mutual": ("mutual", ("kl",), 0.0, None),
+    "competitive": ("best", ("kl",), 0.0, None),
+    "competitive-w0": ("best", ("kl",), 0.0, 0),  # the paper's plain behaviour: no warm-up
+    "competitive+F": ("best", ("kl", "feature"), 0.0, None),
+    "competitive+P": ("best", ("kl",), 1.0, None),
+    "competitive+F+P": ("best", ("kl", "feature"), 1.0, None),
+    "competitive+P50": ("best", ("kl",), 0.5, None),
+    "competitive+P25": ("best", ("kl",), 0.25, None),
+    "mcl": ("mutual", ("mcl",), 0.0, None),
+    "competitive+mcl": ("best", ("mcl",), 0.0, None),
+    "mutual+adm": ("mutual", ("kl", "adm"), 0.0, None),
+    "competitive+adm": ("best", ("kl", "adm"), 0.0, None),
 }
 
 PRESETS = {
@@ -86,7 +96,6 @@ def parse_args(argv=None):
     p.add_argument("--granularity", choices=("batch", "sample"), default="batch")
     p.add_argument("--warmup-steps", type=int, default=None, help="distillation warm-up (default: the library's)")
     p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
-    p.add_argument("--perturb-prob", type=float, default=1.0, help="perturb_prob of the +P settings")
     p.add_argument("--diagnose", action="store_true", help="log per-step KL, gradient norm and lr per member")
     p.add_argument("--data", type=Path, default=None, help=f"CIFAR source (default: $CIFAR_ROOT or {default_root()})")
     p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
@@ -123,7 +132,10 @@ def evaluate(models, loader) -> list[float]:
 
 
 def run(setting: str, seed: int, data, args) -> dict:
-    rule, features, perturb = SETTINGS[setting]
+    rule, terms, perturb_prob, warmup_steps = SETTINGS[setting]
+    if args.warmup_steps is not None:
+        warmup_steps = args.warmup_steps
+    features = "feature" in terms or "adm" in terms
     device = torch.device(args.device)
     torch.manual_seed(seed)
     built = []
@@ -145,16 +157,17 @@ def run(setting: str, seed: int, data, args) -> dict:
         models,
         optimizers,
         rule=rule,
+        terms=list(terms),
         granularity=args.granularity,
-        temperature=args.temperature,
-        perturb_prob=args.perturb_prob,
-        **({} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}),
-        alpha=args.alpha,
-        beta=args.beta if features else 0.0,
+        **({"temperature": args.temperature, "alpha": args.alpha} if "kl" in terms else {}),
+        **({"beta": args.beta} if "feature" in terms else {}),
+        **({} if warmup_steps is None else {"warmup_steps": warmup_steps}),
         feature_hooks=[hook for _, hook in built] if features else None,
-        perturbation=PerturbationPool() if perturb else None,
+        embedding_hooks=["fc"] * len(built) if "mcl" in terms else None,
+        perturbation=PerturbationPool() if perturb_prob > 0 else None,
+        perturb_prob=perturb_prob if perturb_prob > 0 else 1.0,
         seed=seed,
-        example_input=data["train"][0][:2].to(device).float() if features else None,
+        example_input=data["train"][0][:2].to(device).float() if features or "mcl" in terms else None,
     )
     total = args.epochs * len(train)
     schedulers = [

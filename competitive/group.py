@@ -115,7 +115,8 @@ class CompetitiveGroup:
         beta (float): weight of the ``"feature"`` term. Default: 1.
         temperature (float): softmax temperature of the ``"kl"`` term (``tau^2`` factor). Default: 1.
         warmup_steps (int): ramp every term's weight linearly from 0 to its value over the first
-            ``warmup_steps`` steps (0: the paper's plain behaviour). Default: 0.
+            ``warmup_steps`` steps, so a member that starts worse is not knocked off course by its
+            peers' early outputs (see README). 0: the paper's plain behaviour. Default: 150.
         fixed_teacher (int, optional): this member always teaches (classic, offline KD with the
             same terms; it must have a finite loss to teach). Only with ``rule="best"``. Default: None.
         logits_from (str, int or callable, or a list of them, optional): where the logits are in a
@@ -166,7 +167,7 @@ class CompetitiveGroup:
         alpha: float = 1.0,
         beta: float = 1.0,
         temperature: float = 1.0,
-        warmup_steps: int = 0,
+        warmup_steps: int = 150,
         fixed_teacher: int | None = None,
         logits_from: Any = None,
         perturbation: PerturbationPool | None = None,
