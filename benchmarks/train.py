@@ -29,7 +29,8 @@ from models import build  # noqa: E402
 
 from competitive import CompetitiveGroup, PerturbationPool  # noqa: E402
 
-# name -> (rule, knowledge terms, perturb_prob, warmup_steps or None for the library's default); DML and MCL are published without a feature loss.
+# name -> (rule, knowledge terms, perturb_prob, warmup_steps or None for the library's default);
+# DML and MCL are published without a feature loss.
 # "+F" adds the feature L2 on each model's default feature map, "+P" the perturbation pool (the
 # number after it is perturb_prob in %), "adm" the ADM-style spatial term on the same maps, "mcl"
 # Mutual Contrastive Learning on the classifier's input (the reference recipe: no logit KL).
