@@ -32,7 +32,9 @@ def test_fifty_steps_match_the_reference(rule, granularity, hooks):
         torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in ref_models
     ]
     settings = dict(rule=rule, granularity=granularity, alpha=1.0, beta=0.5, temperature=2.0)
-    group = CompetitiveGroup(models, optimizers, feature_hooks=None if hooks is None else [hooks] * 3, **settings)
+    group = CompetitiveGroup(
+        models, optimizers, feature_hooks=None if hooks is None else [hooks] * 3, warmup_steps=0, **settings
+    )
     feature_modules = None if hooks is None else [m.get_submodule(hooks) for m in ref_models]
     teachers = set()
     for step in range(50):
@@ -50,7 +52,7 @@ def test_fifty_steps_match_the_reference(rule, granularity, hooks):
 def test_one_step_gradients_match_reference_before_stepping():
     models, optimizers = _pair(n=3)
     ref_models = copy.deepcopy(models)
-    group = CompetitiveGroup(models, optimizers, feature_hooks=["1"] * 3)
+    group = CompetitiveGroup(models, optimizers, feature_hooks=["1"] * 3, warmup_steps=0)
     x, y = _batch(0)
     total, result = group.loss((x, y))
     total.backward()
@@ -73,7 +75,7 @@ def test_one_step_gradients_match_reference_before_stepping():
 
 def test_result_holds_per_member_tensors():
     models, optimizers = _pair(dtype=torch.float32)
-    group = CompetitiveGroup(models, optimizers)
+    group = CompetitiveGroup(models, optimizers, warmup_steps=0)
     result = group.step(_batch(0, dtype=torch.float32))
     assert isinstance(result, StepResult)
     assert result.teacher.dtype == torch.long and result.teacher.shape == ()
