@@ -55,3 +55,44 @@ def test_ddp_ranks_agree_on_the_teacher_and_parameters(tmp_path, compile_loss):
     # the shards differ, so the ranks' local winners differ at some step: the agreement is not free
     assert r0["local_best"] != r1["local_best"]
     assert len(set(r0["teachers"])) > 1
+
+
+def _hetero_worker(rank, world, port, out):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from reference import tiny_cnn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from competitive import CompetitiveGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    members = [DDP(tiny_cnn(width=w, seed=i, dtype=torch.float32)) for i, w in enumerate((4, 6))]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in members]
+    torch.manual_seed(1234 + rank)  # the group's parts start from different draws on each rank
+    group = CompetitiveGroup(
+        members,
+        optimizers,
+        feature_hooks=["1", "1"],  # [4, 6, 6] beside [6, 6, 6]: adapters both ways
+        embedding_hooks=["4", "4"],  # the classifiers' inputs: MCL heads
+        terms=["kl", "feature", "mcl"],
+        rule="mutual",
+        warmup_steps=0,
+        example_input=torch.randn(2, 3, 6, 6),
+    )
+    snapshots = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        group.step((torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)))
+        snapshots.append(torch.cat([p.detach().flatten() for p in group.terms.parameters()]))
+    params = torch.cat([p.detach().flatten() for m in members for p in m.parameters()])
+    torch.save({"parts": torch.stack(snapshots), "params": params}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_keeps_adapters_and_heads_identical_on_every_rank_at_every_step(tmp_path):
+    mp.start_processes(_hetero_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    torch.testing.assert_close(r0["parts"], r1["parts"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    assert not torch.equal(r0["parts"][0], r0["parts"][-1])  # the parts did train
