@@ -198,15 +198,16 @@ class CompetitiveGroup:
         )
         self.models, self.optimizers = list(models), list(optimizers)
         self.rule, self.granularity, self.fixed_teacher = rule, granularity, fixed_teacher
+        self.perturb_prob = settings.pop("perturb_prob")
         self.alpha, self.beta, self.temperature = settings["alpha"], settings["beta"], settings["temperature"]
         self.warmup_steps = warmup_steps
-        self.perturbation, self.perturb_prob = perturbation, settings["perturb_prob"]
+        self.perturbation = perturbation
         self.skip_nonfinite, self.autocast_dtype = skip_nonfinite, autocast_dtype
         self.logits_from = check.check_logits_from(logits_from, len(self.models))
         self.devices = [next(m.parameters()).device for m in self.models]
         self.device = self.devices[0]  # where the step math runs
         self.terms = nn.ModuleList(
-            check.resolve_terms(terms, feature_hooks, embedding_hooks, alpha=alpha, beta=beta, temperature=temperature)
+            check.resolve_terms(terms, feature_hooks, embedding_hooks, **settings)
         ).to(self.device)
         n = len(self.models)
         self.capture = {

@@ -173,7 +173,7 @@ class PerturbationPool(nn.Module):
                 raise ValueError(
                     f"Perturbation {name!r} cannot handle inputs of shape {list(x.shape)[1:]} (per sample): {error}"
                 ) from error
-            except RuntimeError as error:
+            except Exception as error:  # kornia's own checks raise their BaseError
                 raise ValueError(
                     f"Perturbation {name!r} cannot handle inputs of shape {list(x.shape)[1:]} (per sample): {error}. "
                     "Give the pool operations that suit these inputs, or perturbation=None."

@@ -71,7 +71,7 @@ def plain_mcl(z, labels, ws, *, tau=0.1, t=3.0, vcl=0.1, soft_vcl=1.0, icl=0.1, 
         return torch.stack(rows)
 
     def supcon(zi, zj, li, lj):
-        total, count = 0.0, 0
+        count = 0
         per_anchor = []
         for a in range(batch):
             positives = [p for p in range(batch) if p != a and lj[p] == li[a]]
