@@ -206,9 +206,9 @@ class CompetitiveGroup:
         self.logits_from = check.check_logits_from(logits_from, len(self.models))
         self.devices = [next(m.parameters()).device for m in self.models]
         self.device = self.devices[0]  # where the step math runs
-        self.terms = nn.ModuleList(
-            check.resolve_terms(terms, feature_hooks, embedding_hooks, **settings)
-        ).to(self.device)
+        self.terms = nn.ModuleList(check.resolve_terms(terms, feature_hooks, embedding_hooks, **settings)).to(
+            self.device
+        )
         n = len(self.models)
         self.capture = {
             "features": FeatureCapture(resolve_hooks(self.models, feature_hooks or [None] * n, "feature_hooks")),

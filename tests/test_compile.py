@@ -64,11 +64,27 @@ def test_heterogeneous_adapters_and_soft_labels_compile():
         torch.nn.Flatten(), torch.nn.Linear(108, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5)
     )
     optimizers[1] = torch.optim.SGD(models[1].parameters(), lr=0.05)
+    twins = copy.deepcopy(models)
+    twin_optimizers = [type(o)(m.parameters(), **o.defaults) for o, m in zip(optimizers, twins)]
     pool = PerturbationPool({"mixup": PerturbationPool().operations[0]})
-    group = CompetitiveGroup(models, optimizers, compile=True, feature_hooks=["1", "2"], perturbation=pool, seed=0)
+    example = _batch(0)[0][:2]
+    torch.manual_seed(0)
+    group = CompetitiveGroup(
+        models, optimizers, compile=True, feature_hooks=["1", "2"], perturbation=pool, seed=0, example_input=example
+    )
+    torch.manual_seed(0)  # the eager twin's adapters start from the same draws
+    eager = CompetitiveGroup(
+        twins,
+        twin_optimizers,
+        feature_hooks=["1", "2"],
+        perturbation=PerturbationPool({"mixup": PerturbationPool().operations[0]}),
+        seed=0,
+        example_input=example,
+    )
     for step in range(4):
-        result = group.step(_batch(step))
-        assert result.perturbation == "mixup" and torch.isfinite(result.loss).all()
+        result, expected = group.step(_batch(step)), eager.step(_batch(step))
+        assert result.perturbation == "mixup" and result.perturbed == expected.perturbed
+        torch.testing.assert_close(result.loss, expected.loss, rtol=1e-5, atol=1e-6)
 
 
 def test_group_loss_compiles_with_fullgraph_for_every_rule():

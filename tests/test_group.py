@@ -184,10 +184,19 @@ def test_train_eval_and_close():
 
 def test_loss_leaves_stepping_to_the_caller():
     models, optimizers = _pair(dtype=torch.float32)
-    group = CompetitiveGroup(models, optimizers)
+    reference = copy.deepcopy(models)
+    group = CompetitiveGroup(models, optimizers, warmup_steps=0)
     before = [p.detach().clone() for p in models[0].parameters()]
-    total, result = group.loss(_batch(0, dtype=torch.float32))
-    assert torch.allclose(total, result.loss.sum())
+    x, y = _batch(0, dtype=torch.float32)
+    total, result = group.loss((x, y))
+    from reference import reference_losses
+
+    losses, teacher = reference_losses([m(x) for m in reference], [y, y])
+    assert result.teacher.item() == teacher
+    torch.testing.assert_close(total, sum(losses))  # the members' losses, from the equations by hand
     total.backward()
+    for m, r, loss in zip(models, reference, losses):  # one backward: each member gets its own gradient
+        for p, g in zip(m.parameters(), torch.autograd.grad(loss, list(r.parameters()), retain_graph=True)):
+            torch.testing.assert_close(p.grad, g)
     assert all(p.grad is not None for p in models[0].parameters())
     assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), before))

@@ -74,7 +74,7 @@ def adm_loss(
                 di_row.append(zero)
                 continue
             key = f"{i}_{j}"
-            student = adapters[key](features[i]) if adapters is not None and key in adapters else features[i]
+            student = adapters[key](upcast(features[i])) if adapters is not None and key in adapters else features[i]
             u = F.normalize(upcast(student), dim=_channels(features[j]))
             v = v_all[j]
             # what each side reads of the other: finite samples only, and no gradient

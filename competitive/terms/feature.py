@@ -41,7 +41,7 @@ def feature_term(
                 row.append(upcast(features[i].new_zeros(batch)))
                 continue
             key = f"{i}_{j}"
-            student = adapters[key](features[i]) if adapters is not None and key in adapters else features[i]
+            student = adapters[key](upcast(features[i])) if adapters is not None and key in adapters else features[i]
             diff = upcast(student) - upcast(targets[j])
             row.append(diff.square().flatten(1).mean(dim=1))
         rows.append(torch.stack(row))  # [N, B]
