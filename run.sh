@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ]; then
   .venv/bin/pip install --quiet --upgrade pip
   # torch first, pinned, so nothing resolves to a newer (multi-GB) build
   .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/pip install --quiet -e ".[test,bench]"
+  .venv/bin/pip install --quiet -e ".[test,bench,examples]"
   touch .venv/.installed
 fi
 PY=.venv/bin/python
@@ -19,7 +19,7 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   test)
-    "$PY" -m ruff check competitive tests benchmarks
+    "$PY" -m ruff check competitive tests benchmarks examples
     "$PY" -m pytest "$@"
     ;;
   main)

@@ -204,8 +204,6 @@ class CompetitiveGroup:
         self.perturbation = perturbation
         self.skip_nonfinite, self.autocast_dtype = skip_nonfinite, autocast_dtype
         self.logits_from = check.check_logits_from(logits_from, len(self.models))
-        self.devices = [next(m.parameters()).device for m in self.models]
-        self.device = self.devices[0]  # where the step math runs
         self.terms = nn.ModuleList(check.resolve_terms(terms, feature_hooks, embedding_hooks, **settings)).to(
             self.device
         )
@@ -301,6 +299,9 @@ class CompetitiveGroup:
             raise
 
     def _losses(self, x: Tensor, y: Tensor, train: bool) -> tuple[Tensor, StepResult]:
+        if self.counters.last_teacher.device != self.device:  # the members moved (e.g. a trainer's .to())
+            self.terms.to(self.device)
+            self.counters.to(self.device)
         if train:
             self.watch.poll()
             if self.perturbation is not None and not self.pool_checked:
@@ -379,7 +380,18 @@ class CompetitiveGroup:
 
     @property
     def steps(self) -> int:
+        """Steps taken since construction (a Python int)."""
         return self.counters.steps
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Each member's device, read from its parameters (so a trainer may move the members)."""
+        return [next(m.parameters()).device for m in self.models]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the step math runs: the first member's device."""
+        return next(self.models[0].parameters()).device
 
     def _draw(self) -> tuple[int | None, int, int]:
         """Which member is perturbed, by which operation, with which seed (all from the CPU generator)."""

@@ -1,0 +1,37 @@
+"""Tiny synthetic data and two small networks of different architectures, shared by the examples."""
+
+import torch
+from torch import nn
+
+
+def synthetic_cifar(n: int = 256, classes: int = 10, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """CIFAR-shaped images whose class shifts their mean colour: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g) + (y.float() / classes - 0.5).view(-1, 1, 1, 1) * 2
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class SmallCNN(nn.Module):
+    """conv -> conv (``features``: ``[width, 8, 8]``) -> pool -> ``fc``."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(self.stem(x)).mean(dim=(2, 3)))
+
+
+class SmallMLP(nn.Module):
+    """A different family: flatten -> ``features`` (a ``[hidden]`` vector) -> ``fc``."""
+
+    def __init__(self, hidden: int = 64, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU())
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
