@@ -61,13 +61,16 @@ def _decode_folder(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
-def _decode(items, decode_jpeg) -> tuple[Tensor, Tensor]:
+def _decode(items, decode_jpeg, chunk: int = 4096) -> tuple[Tensor, Tensor]:
     items.sort(key=lambda item: item[0])
-    images = torch.empty(len(items), 3, 32, 32, dtype=torch.uint8)
     labels = torch.tensor([CIFAR10_CLASSES.index(label) for label, _ in items])
-    for i, (_, data) in enumerate(tqdm(items, desc="decoding", unit="img", mininterval=1.0)):
-        images[i] = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    return images, labels
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in items]
+    # torchvision decodes a list of JPEGs in one call
+    images = [
+        torch.stack(decode_jpeg(encoded[start : start + chunk]))
+        for start in tqdm(range(0, len(encoded), chunk), desc="decoding", unit="chunk", mininterval=1.0)
+    ]
+    return torch.cat(images), labels
 
 
 def _from_torchvision(root: Path, classes: int) -> dict[str, tuple[Tensor, Tensor]]:

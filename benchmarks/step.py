@@ -10,9 +10,12 @@ the group, summed; (b) the group with ``rule="independent"``; (c) ``"mutual"``; 
 eager; (e) ``"best"`` with ``compile=True``. Every group variant captures the members' default
 feature maps (``beta=1``), so (b)-(e) run the same code and differ in the rule only.
 
-Part 2 (``loss``): ``group_loss`` forward + backward for N in {2, 4, 8}, B in {128, 256},
-C in {10, 100, 1000}, with and without ResNet ``layer3``-sized features ``[B, 64, 8, 8]``,
-eager and compiled interleaved. Prints tables and writes JSON to ``--out``.
+Part 2 (``loss``): each knowledge term's math (``step_losses`` forward + backward, KL, feature L2,
+MCL, ADM) eager and compiled, against one step of a 2 x ResNet-32 group in the same run; then
+``group_loss`` forward + backward for N in {2, 4, 8}, B in {128, 256}, C in {10, 100, 1000}, with
+and without ResNet ``layer3``-sized features ``[B, 64, 8, 8]``, eager and compiled. Timed with
+``torch.utils.benchmark.Timer``, the variants interleaved round by round. Prints tables and writes
+JSON to ``--out``.
 """
 
 import argparse
@@ -29,11 +32,13 @@ from pathlib import Path
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import build  # noqa: E402
 
-from competitive import CompetitiveGroup, group_loss  # noqa: E402
+from competitive import CompetitiveGroup, group_loss, step_losses  # noqa: E402
+from competitive.terms import TERMS  # noqa: E402
 
 # glibc returns large freed blocks to the OS and page-faults them back in at the next step; a
 # group holds all members' activations at once, so it pays this more than members trained alone
@@ -113,9 +118,63 @@ def bench_group(names, args, device):
     }
 
 
+def _interleaved(variants: dict, rounds: int, number: int) -> dict[str, float]:
+    """Median seconds per call of each variant: ``rounds`` rounds of ``torch.utils.benchmark.Timer``
+    (``number`` calls each, CUDA synchronized), the variants interleaved round by round."""
+    timers = {k: Timer(stmt="fn()", globals={"fn": fn}) for k, fn in variants.items()}
+    for timer in timers.values():
+        timer.timeit(2)  # warm-up (and the compile)
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, timer in timers.items():
+            times[k].append(timer.timeit(number).mean)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _loss_step(fn, logits, y, features):
     terms, _, _ = fn(logits, y, features)
     terms.loss.sum().backward()
+
+
+def _term_step(fn, terms, logits, y, features, embeddings):
+    out = fn(logits, y, terms=terms, features=features, embeddings=embeddings, rule="best")
+    (out.ce + sum(out.terms.values())).sum().backward()
+
+
+def bench_terms(args, device):
+    """Each term's math (forward + backward of ``step_losses``), eager and compiled, at the sizes of
+    a 2 x ResNet-32 CIFAR-10 group (logits [B, 10], layer3 maps [B, 64, 8, 8], embeddings [B, 64]),
+    against one training step of that group (interleaved in the same run)."""
+    torch.manual_seed(0)
+    b, c, n = args.batch, 10, 2
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = [torch.randn(b, c, device=device, generator=g, requires_grad=True) for _ in range(n)]
+    features = [torch.randn(b, 64, 8, 8, device=device, generator=g, requires_grad=True) for _ in range(n)]
+    embeddings = [torch.randn(b, 64, device=device, generator=g, requires_grad=True) for _ in range(n)]
+    y = torch.randint(0, c, (b,), device=device, generator=g)
+    models = [build("resnet32")[0].to(device).to(memory_format=torch.channels_last) for _ in range(n)]
+    group = CompetitiveGroup(models, _optimizers(models), feature_hooks=["layer3"] * n, warmup_steps=0)
+    x = torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    variants = {"2 x resnet32 step (kl + feature)": lambda: group.step((x, y))}
+    for name in ("kl", "feature", "mcl", "adm"):
+        term = TERMS[name]()
+        if name == "mcl":
+            term.build({"embeddings": [(64,)] * n})
+        elif name in ("feature", "adm"):
+            term.build({"features": [(64, 8, 8)] * n})
+        terms = torch.nn.ModuleList([term]).to(device)
+        for label, fn in (("eager", step_losses), ("compiled", torch.compile(step_losses, fullgraph=True))):
+            variants[f"{name} {label}"] = partial(_term_step, fn, terms, logits, y, features, embeddings)
+    torch._dynamo.reset()
+    medians = _interleaved(variants, rounds=args.loss_steps, number=1)
+    step = medians.pop("2 x resnet32 step (kl + feature)")
+    rows = [{"term": "2 x resnet32 step", "ms": 1e3 * step, "of_step": 1.0}]
+    print(f"| term | variant | ms | / 2 x ResNet-32 step ({1e3 * step:.0f} ms) |\n|---|---|---|---|")
+    for label, t in medians.items():
+        name, variant = label.split()
+        rows.append({"term": name, "variant": variant, "ms": 1e3 * t, "of_step": t / step})
+        print(f"| {name} | {variant} | {1e3 * t:.2f} | {t / step:.4f} |", flush=True)
+    return rows
 
 
 def bench_loss(args, device):
@@ -138,13 +197,8 @@ def bench_loss(args, device):
                         "eager": partial(_loss_step, group_loss, logits, y, features),
                         "compiled": partial(_loss_step, compiled, logits, y, features),
                     }
-                    times = {k: [] for k in variants}
-                    for step in range(args.warmup + args.loss_steps):
-                        for k, fn in variants.items():
-                            t = _timed(fn, device)
-                            if step >= args.warmup:
-                                times[k].append(t)
-                    eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
+                    medians = _interleaved(variants, rounds=args.loss_steps, number=5)
+                    eager, comp = medians["eager"], medians["compiled"]
                     rows.append(
                         {
                             "N": n,
@@ -173,6 +227,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--loss-steps", type=int, default=30)
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
+    p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument(
         "--tuned-malloc",
@@ -216,8 +271,11 @@ def main():
             for label, r in result.items():
                 print(f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
     if args.part in ("all", "loss"):
-        print("\nloss math forward + backward (group_loss, rule='best'), eager vs compiled", flush=True)
-        out["loss"] = bench_loss(args, device)
+        print("\neach term's math, forward + backward (step_losses, rule='best'), eager and compiled", flush=True)
+        out["terms"] = bench_terms(args, device)
+        if not args.no_grid:
+            print("\nloss math forward + backward (group_loss, rule='best'), eager vs compiled", flush=True)
+            out["loss"] = bench_loss(args, device)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"step-{device.type}-{args.part}-{malloc}.json"
     path.write_text(json.dumps(out, indent=1))

@@ -12,7 +12,6 @@ change. Writes ``results.json``, ``fig3a.png`` (per-member CE over steps, teache
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -96,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--granularity", choices=("batch", "sample"), default="batch")
     p.add_argument("--warmup-steps", type=int, default=None, help="distillation warm-up (default: the library's)")
-    p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up before the cosine")
     p.add_argument("--diagnose", action="store_true", help="log per-step KL, gradient norm and lr per member")
     p.add_argument("--data", type=Path, default=None, help=f"CIFAR source (default: $CIFAR_ROOT or {default_root()})")
     p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
@@ -171,12 +170,16 @@ def run(setting: str, seed: int, data, args) -> dict:
         example_input=data["train"][0][:2].to(device).float() if features or "mcl" in terms else None,
     )
     total = args.epochs * len(train)
-    schedulers = [
-        torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: min(1.0, (s + 1) / (args.lr_warmup + 1)) * 0.5 * (1 + math.cos(math.pi * s / total))
-        )
-        for o in optimizers
-    ]
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total) for o in optimizers]
+    if args.lr_warmup:
+        schedulers = [
+            torch.optim.lr_scheduler.SequentialLR(
+                o,
+                [torch.optim.lr_scheduler.LinearLR(o, 1 / (args.lr_warmup + 1), total_iters=args.lr_warmup), s],
+                milestones=[args.lr_warmup],
+            )
+            for o, s in zip(optimizers, schedulers)
+        ]
     history = {"test_acc": [], "ce": [], "teacher": [], "epoch_time": []}
     if args.diagnose:
         history.update(kl=[], grad_norm=[], lr=[])
