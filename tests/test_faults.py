@@ -155,3 +155,19 @@ def test_load_state_dict_of_another_group_size_is_rejected():
     small = _group(2)[0]
     with pytest.raises(ValueError, match=r"Invalid state_dict: it holds 3 members; this group has 2"):
         small.load_state_dict(_group(3)[0].state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_step_with_no_finite_member_updates_nobody():
+    members = [Faulty(i).cuda() for i in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in members]
+    group = CompetitiveGroup(members, optimizers, seed=0)
+    x, y = (t.cuda() for t in _batch(0))
+    group.step((x, y))
+    params = [_params(m) for m in members]
+    for m in members:
+        m.mode = "nan"
+    with pytest.raises(RuntimeError, match="no member was updated"):
+        group.step((x, y))
+    assert all(torch.equal(p, q) for m, p0 in zip(members, params) for p, q in zip(_params(m), p0))
+    assert all(p.grad is None for m in members for p in m.parameters())
