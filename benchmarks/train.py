@@ -227,8 +227,9 @@ def diagnosed_step(group, batch, history):
 def summarize(results: dict, args) -> str:
     n = len(args.models)
     lines = [f"top-1 % after {args.epochs} epochs, mean ± std over seeds {args.seeds} (n={len(args.seeds)})", ""]
-    header = "| setting | " + " | ".join(f"net {i + 1} ({args.models[i]})" for i in range(n)) + " | mean | s/epoch |"
-    lines += [header, "|" + "---|" * (n + 3)]
+    header = "| setting | " + " | ".join(f"net {i + 1} ({args.models[i]})" for i in range(n))
+    header += " | mean | teacher share % (net 1 / ...) | perturbed member won % | s/epoch |"
+    lines += [header, "|" + "---|" * (n + 5)]
     for setting in args.settings:
         runs = [results[setting][str(seed)] for seed in args.seeds]
         cells = []
@@ -238,7 +239,12 @@ def summarize(results: dict, args) -> str:
             cells.append(f"{statistics.mean(accs):.2f} ± {sd:.2f}")
         mean = statistics.mean(statistics.mean(r["test_acc"][-1]) for r in runs)
         secs = statistics.median(t for r in runs for t in r["epoch_time"])
-        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {mean:.2f} | {secs:.1f} |")
+        stats = [r["stats"] for r in runs]
+        share = [100 * sum(s["teacher_count"][i] for s in stats) / sum(s["steps"] for s in stats) for i in range(n)]
+        perturbed = sum(sum(s["perturbed_count"]) for s in stats)
+        won = f"{100 * sum(s['perturbed_wins'] for s in stats) / perturbed:.1f}" if perturbed else "-"
+        taught = " / ".join(f"{v:.0f}" for v in share) if SETTINGS[setting][0] != "independent" else "-"
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {mean:.2f} | {taught} | {won} | {secs:.1f} |")
     return "\n".join(lines)
 
 
@@ -283,6 +289,21 @@ def plot(results: dict, args) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "fig3b.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4))  # who teaches over training: share of the last 50 steps
+    for k, setting in enumerate(args.settings):
+        if SETTINGS[setting][0] != "best":
+            continue
+        teacher = torch.tensor([results[setting][str(s)]["teacher"] for s in args.seeds]).float()  # [seeds, steps]
+        last = len(args.models) - 1
+        won = (teacher == last).float().mean(0)  # the last member's share, averaged over seeds
+        window = min(50, len(won))
+        rolling = torch.nn.functional.avg_pool1d(won.view(1, 1, -1), window, stride=1).flatten()
+        ax.plot(range(window - 1, window - 1 + len(rolling)), 100 * rolling, color=f"C{k}", label=setting)
+    ax.set(xlabel="step", ylabel=f"% of steps net {len(args.models)} teaches", title="Teacher share (last 50 steps)")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "teacher_share.png", dpi=120)
 
 
 def merge(args) -> None:
@@ -305,7 +326,7 @@ def report(results: dict, args) -> None:
     print("\n" + table)
     (args.out / "table.md").write_text(table + "\n")
     plot(results, args)
-    print(f"\nwrote {args.out}/results.json, table.md, fig3a.png, fig3b.png")
+    print(f"\nwrote {args.out}/results.json, table.md, fig3a.png, fig3b.png, teacher_share.png")
 
 
 def main(argv=None):
