@@ -117,7 +117,10 @@ class DeviceLoader:
     """Batches of a uint8 dataset that lives on the training device, augmented there with kornia.
 
     Training batches get the standard CIFAR augmentation (random crop with 4-pixel padding and a
-    horizontal flip); every batch is converted to float and normalized on the device.
+    horizontal flip); every batch is converted to float and normalized on the device. With
+    ``per_class=m``, training batches are built from shuffled chunks of ``m`` same-class images, so
+    every class in a batch has at least ``m`` images (for MCL on many classes, where random batches
+    leave anchors without positives).
     """
 
     def __init__(
@@ -131,8 +134,10 @@ class DeviceLoader:
         train: bool,
         seed: int = 0,
         drop_last: bool = True,
+        per_class: int = 0,
     ):
         self.images, self.labels = images.to(device), labels.to(device)
+        self.per_class = per_class
         self.batch_size, self.train, self.drop_last = batch_size, train, drop_last
         self.mean = torch.tensor(MEAN[classes], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD[classes], device=device).view(1, 3, 1, 1)
@@ -143,12 +148,31 @@ class DeviceLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _balanced_order(self) -> Tensor:
+        """A permutation made of shuffled chunks of ``per_class`` same-class images (MCL's contrastive
+        terms need positives: other images of the anchor's class); each class's remainder is dropped."""
+        labels = self.labels.cpu()
+        pools = [
+            c[torch.randperm(len(c), generator=self.generator)]
+            for c in (torch.nonzero(labels == k).flatten() for k in labels.unique())
+        ]
+        chunks = [
+            p[i : i + self.per_class] for p in pools for i in range(0, len(p) - self.per_class + 1, self.per_class)
+        ]
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=self.generator).tolist()]
+        return torch.cat(chunks)
+
     def __iter__(self):
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        if self.train and self.per_class:
+            order = self._balanced_order()
+        else:
+            order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         order = order.to(self.images.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
+            if len(index) == 0 or (self.drop_last and len(index) < self.batch_size):
+                break  # a class-balanced order drops each class's remainder
             x = self.images[index].float().div_(255)
             if self.train:
                 x = self.augment(x)

@@ -96,6 +96,13 @@ def parse_args(argv=None):
     p.add_argument("--granularity", choices=("batch", "sample"), default="batch")
     p.add_argument("--warmup-steps", type=int, default=None, help="distillation warm-up (default: the library's)")
     p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up before the cosine")
+    p.add_argument(
+        "--class-balanced",
+        type=int,
+        default=0,
+        metavar="M",
+        help="class-balanced training batches of M images per class (MCL on many classes; 0: random batches)",
+    )
     p.add_argument("--diagnose", action="store_true", help="log per-step KL, gradient norm and lr per member")
     p.add_argument("--data", type=Path, default=None, help=f"CIFAR source (default: $CIFAR_ROOT or {default_root()})")
     p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
@@ -148,7 +155,13 @@ def run(setting: str, seed: int, data, args) -> dict:
         for m in models
     ]
     train = DeviceLoader(
-        *data["train"], batch_size=args.batch_size, device=device, classes=args.classes, train=True, seed=seed
+        *data["train"],
+        batch_size=args.batch_size,
+        device=device,
+        classes=args.classes,
+        train=True,
+        seed=seed,
+        per_class=args.class_balanced,
     )
     test = DeviceLoader(
         *data["test"], batch_size=1000, device=device, classes=args.classes, train=False, drop_last=False

@@ -75,3 +75,18 @@ def test_resnet_depths():
         build("resnet21")
     params = sum(p.numel() for p in build("resnet32")[0].parameters())
     assert 0.45e6 < params < 0.48e6  # the paper's Table 1: 0.47M
+
+
+def test_class_balanced_batches_give_every_anchor_positives():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (400,), generator=g)
+    images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8, generator=g)
+    loader = DeviceLoader(
+        images, labels, batch_size=16, device=torch.device("cpu"), classes=10, train=True, per_class=4
+    )
+    batches = [y for _, y in loader]
+    assert batches and all(len(y) == 16 for y in batches)
+    for y in batches:  # chunks of 4 same-class images: every class present has a multiple of 4
+        assert all(c % 4 == 0 for c in torch.bincount(y, minlength=10).tolist())
+    seen = torch.cat(batches)
+    assert len(seen.unique()) == 10 and len(torch.cat([b for b in batches])) <= 400
