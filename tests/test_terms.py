@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import tiny_cnn
 from torch import nn
 
@@ -130,3 +132,47 @@ def test_terms_need_their_hooks_and_hooks_need_a_term():
     with pytest.raises(TypeError, match="Invalid terms"):
         CompetitiveGroup(models, optimizers, terms="kl")
     assert isinstance(nn.ModuleList([Confidence()]), nn.Module)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(TERMS),
+    n=st.integers(2, 4),
+    per_sample=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_a_member_that_does_not_learn_from_a_student_gets_no_gradient_from_its_term(name, n, per_sample, seed):
+    from competitive.terms import TERMS as BUILT_IN
+    from competitive.terms import StepOutputs
+
+    g = torch.Generator().manual_seed(seed)
+    batch = 4
+    shape = (batch, n, n) if per_sample else (n, n)
+    w = (torch.rand(shape, generator=g) < 0.6).double() * (1 - torch.eye(n, dtype=torch.double))
+    logits = [torch.randn(batch, 5, generator=g, dtype=torch.double, requires_grad=True) for _ in range(n)]
+    features = [torch.randn(batch, 3, 2, 2, generator=g, dtype=torch.double, requires_grad=True) for _ in range(n)]
+    embeddings = [torch.randn(batch, 6, generator=g, dtype=torch.double, requires_grad=True) for _ in range(n)]
+    term = BUILT_IN[name]()
+    if term.needs:
+        term.build({"features": [(3, 2, 2)] * n, "embeddings": [(6,)] * n})
+    term.double()
+    labels = torch.randint(0, 2, (n, batch), generator=g)
+    outputs = StepOutputs(
+        logits,
+        torch.stack(logits).log_softmax(-1),
+        labels,
+        torch.ones(n, batch, dtype=torch.bool),
+        features,
+        embeddings,
+    )
+    values = term(outputs, w)
+    for i in range(n):
+        for j in range(n):
+            if j == i:
+                continue
+            inputs = [logits[j], features[j], embeddings[j]]
+            grads = torch.autograd.grad(values[i], inputs, retain_graph=True, allow_unused=True)
+            learns = w[..., j, i] > 0  # does j learn from i (on some sample)?
+            if name == "mcl" and bool(learns.any()):
+                continue  # MCL: j's embedding gets gradient exactly where it learns from i (test_mcl.py)
+            assert all(gr is None or (gr == 0).all() for gr in grads), (name, i, j)
