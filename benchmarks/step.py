@@ -7,8 +7,11 @@ Part 1 (``group``): for each group of members, one step of each variant in turn,
 step by step, median over ``--steps`` steps after ``--warmup``:
 (a) the limit: each member's plain training step (forward, CE, backward, optimizer step) outside
 the group, summed; (b) the group with ``rule="independent"``; (c) ``"mutual"``; (d) ``"best"``
-eager; (e) ``"best"`` with ``compile=True``. Every group variant captures the members' default
-feature maps (``beta=1``), so (b)-(e) run the same code and differ in the rule only.
+eager; (e) ``"best"`` with ``compile=True``; (f) the authors' public loop structure (forward every
+member, then per member: its loss against the members with a lower CE read on the host, zero_grad,
+backward, step) with their rule; (g) our group with that rule (``"better"``) and no features, whose
+ratio to (f) is printed. (b)-(e) capture the members' default feature maps (``beta=1``), so they run
+the same code and differ in the rule only.
 
 Part 2 (``loss``): each knowledge term's math (``step_losses`` forward + backward, KL, feature L2,
 MCL, ADM) eager and compiled, against one step of a 2 x ResNet-32 group in the same run; then
@@ -90,16 +93,36 @@ def bench_group(names, args, device):
             o.zero_grad(set_to_none=True)
 
     variants["(a) limit"] = limit_step
+    authors_models = copy.deepcopy(base)
+    authors_opts = _optimizers(authors_models)
+
+    def authors_step():
+        # the structure of the authors' public training loop: forward every member, then for each
+        # member in turn its loss against the members with a lower CE (compared on the host), its own
+        # zero_grad, backward and optimizer step
+        outputs = [m(x) for m in authors_models]
+        ces = [F.cross_entropy(z, y) for z in outputs]
+        for i, optimizer in enumerate(authors_opts):
+            better = [j for j in range(len(outputs)) if j != i and ces[j].item() < ces[i].item()]
+            loss = ces[i]
+            for j in better:
+                kl = F.kl_div(outputs[i].log_softmax(1), outputs[j].detach().softmax(1), reduction="batchmean")
+                loss = loss + kl / len(better)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    variants["(f) authors' loop, better"] = authors_step
     for label, rule, compiled in [
         ("(b) independent", "independent", False),
         ("(c) mutual", "mutual", False),
         ("(d) best eager", "best", False),
         ("(e) best compiled", "best", True),
+        ("(g) ours, better, no features", "better", False),
     ]:
         models = copy.deepcopy(base)
-        group = CompetitiveGroup(
-            models, _optimizers(models), rule=rule, feature_hooks=hooks, compile=compiled, example_input=x[:2]
-        )
+        features = dict(feature_hooks=hooks, example_input=x[:2]) if label[1] != "g" else {}
+        group = CompetitiveGroup(models, _optimizers(models), rule=rule, compile=compiled, warmup_steps=0, **features)
         variants[label] = (lambda g: lambda: g.step((x, y)))(group)
     times = {k: [] for k in variants}
     for step in range(args.warmup + args.steps):
@@ -108,7 +131,9 @@ def bench_group(names, args, device):
             if step >= args.warmup:
                 times[label].append(t)
     limit = statistics.median(times["(a) limit"])
-    return {
+    authors = times["(f) authors' loop, better"]
+    ours = times["(g) ours, better, no features"]
+    result = {
         k: {
             "median_ms": 1e3 * statistics.median(v),
             "ratio": statistics.median(v) / limit,
@@ -116,6 +141,9 @@ def bench_group(names, args, device):
         }
         for k, v in times.items()
     }
+    # the two measured in the same rounds: the median of the per-round ratios
+    result["(g) / (f)"] = {"ratio": statistics.median(a / b for a, b in zip(ours, authors))}
+    return result
 
 
 def _interleaved(variants: dict, rounds: int, number: int) -> dict[str, float]:
@@ -269,7 +297,9 @@ def main():
             out["group"][name] = result
             print("| variant | median ms | / limit |\n|---|---|---|")
             for label, r in result.items():
-                print(f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
+                if "median_ms" in r:
+                    print(f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
+            print(f"ours / authors' loop (rule better, no features): {result['(g) / (f)']['ratio']:.3f}", flush=True)
     if args.part in ("all", "loss"):
         print("\neach term's math, forward + backward (step_losses, rule='best'), eager and compiled", flush=True)
         out["terms"] = bench_terms(args, device)
