@@ -59,12 +59,13 @@ PRESETS = {
         settings="independent,mutual,competitive",
     ),
     "cpu": dict(
-        models="resnet8,resnet8",
-        epochs=10,
-        train_subset=15000,
-        test_subset=0,
+        models="resnet8,resnet20",
+        epochs=8,
+        train_subset=10000,
+        test_subset=5000,
         seeds="0,1,2",
-        settings="independent,mutual,competitive,competitive+F,competitive+P,competitive+F+P",
+        settings="independent,mutual,competitive,competitive-w0,competitive+F,competitive+P,competitive+F+P,"
+        "mcl,competitive+mcl,mutual+adm,competitive+adm",
     ),
     "paper": dict(
         models="resnet32,resnet32",

@@ -304,9 +304,6 @@ class CompetitiveGroup:
             self.counters.to(self.device)
         if train:
             self.watch.poll()
-            if self.perturbation is not None and not self.pool_checked:
-                self.perturbation.check(x, y, num_classes=self._num_classes(x))
-                self.pool_checked = True
         n = len(self.models)
         perturbed, op_index, op_seed = self._draw() if train else (None, 0, 0)
         skipped = None
@@ -320,6 +317,10 @@ class CompetitiveGroup:
         clean = [logits[i] for i in range(n) if i != perturbed]
         num_classes = check.check_logits(clean, x.shape[0], [i for i in range(n) if i != perturbed])
         check.check_targets(y, num_classes)
+        if train and self.perturbation is not None and not self.pool_checked:
+            # every operation once on two images: inputs one cannot handle are refused now, naming it
+            self.perturbation.check(x, y, num_classes=num_classes)
+            self.pool_checked = True
         targets = y.to(self.device)
         if perturbed is not None:
             x_p, y_p = self.perturbation.perturb(
@@ -410,18 +411,6 @@ class CompetitiveGroup:
             with torch.autocast(self.devices[i].type, dtype=self.autocast_dtype):
                 output = self.models[i](x)
         return extract_logits(output, self.logits_from[i], member=i)
-
-    def _num_classes(self, x: Tensor) -> int:
-        with torch.no_grad():
-            modes = [m.training for m in self.models]
-            self.models[0].eval()
-            try:
-                z = self._forward(0, x[:1])
-            finally:
-                self.models[0].train(modes[0])
-                for capture in self.capture.values():
-                    capture.clear()
-        return check.check_logits([z], 1, [0])
 
     def _captured(self, x: Tensor) -> dict[str, list[Tensor]]:
         """The hooked outputs of this forward; builds the terms' parts on first sight of the shapes."""
