@@ -1,9 +1,10 @@
 """Competitive Distillation (Shi et al., ICCV 2025) for any PyTorch training loop."""
 
 from .features import FeatureAdapter
-from .group import CompetitiveGroup, StepResult
+from .group import CompetitiveGroup
 from .losses import LossTerms, StepLosses, competitive_loss, group_loss, step_losses
 from .perturbation import PerturbationPool, default_operations
+from .result import StepResult
 from .selection import distillation_weights, teacher_index
 from .terms import ADM, KL, MCL, FeatureL2, ProjectionHead, StepOutputs, Term, adm_loss, mcl_loss
 
