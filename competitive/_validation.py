@@ -312,11 +312,10 @@ def check_targets(y: Tensor, num_classes: int) -> None:
         torch._assert_async(in_range, f"targets must lie in [0, {num_classes})")
 
 
-def check_shapes(captured: dict[str, list[Tensor]], shapes: dict[str, list[tuple[int, ...]]], terms: Any) -> None:
-    """The hooked outputs have the shapes the terms' parts were built for (when it matters)."""
+def check_shapes(captured: dict[str, list[Tensor]], shapes: dict[str, list[tuple[int, ...]]], fixed: set[str]) -> None:
+    """The hooked outputs in ``fixed`` have the shapes the terms' parts were built for."""
     for need, values in captured.items():
-        matters = any(need in t.needs and any(True for _ in t.parameters()) for t in terms)
-        if not matters:
+        if need not in fixed:
             continue
         now = [tuple(v.shape[1:]) for v in values]
         changed = [f"models[{i}]: {list(a)} -> {list(b)}" for i, (a, b) in enumerate(zip(shapes[need], now)) if a != b]

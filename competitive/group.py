@@ -148,6 +148,7 @@ class CompetitiveGroup:
         }
         self.needs = sorted({need for term in self.terms for need in term.needs})
         self.shapes: dict[str, list[tuple[int, ...]]] | None = None
+        self.fixed_shapes: set[str] = set()
         self.seed = seed if seed is not None else torch.Generator().seed()
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
@@ -219,10 +220,11 @@ class CompetitiveGroup:
         return self._run(batch, train=False)[1]
 
     def _run(self, batch: tuple[Tensor, Tensor], *, train: bool) -> tuple[Tensor, StepResult]:
-        x, y = check.check_batch(batch, self.devices)
+        devices = self.devices  # read once per step
+        x, y = check.check_batch(batch, devices)
         generator_state = self.generator.get_state()
         try:
-            return self._losses(x, y, train)
+            return self._losses(x, y, train, devices)
         except BaseException:
             # a failed step leaves the group as it was: same draws next time, no stale captures
             self.generator.set_state(generator_state)
@@ -230,10 +232,11 @@ class CompetitiveGroup:
                 capture.clear()
             raise
 
-    def _losses(self, x: Tensor, y: Tensor, train: bool) -> tuple[Tensor, StepResult]:
-        if self.counters.last_teacher.device != self.device:  # the members moved (e.g. a trainer's .to())
-            self.terms.to(self.device)
-            self.counters.to(self.device)
+    def _losses(self, x: Tensor, y: Tensor, train: bool, devices: list[torch.device]) -> tuple[Tensor, StepResult]:
+        device = devices[0]  # where the step math runs
+        if self.counters.last_teacher.device != device:  # the members moved (e.g. a trainer's .to())
+            self.terms.to(device)
+            self.counters.to(device)
         if train:
             self.watch.poll()
         n = len(self.models)
@@ -245,7 +248,7 @@ class CompetitiveGroup:
         logits: list[Tensor | None] = [None] * n
         for i in range(n):
             if i != perturbed:
-                logits[i] = self._forward(i, x)
+                logits[i] = self._forward(i, x, devices[i])
         clean = [logits[i] for i in range(n) if i != perturbed]
         num_classes = check.check_logits(clean, x.shape[0], [i for i in range(n) if i != perturbed])
         check.check_targets(y, num_classes)
@@ -253,21 +256,21 @@ class CompetitiveGroup:
             # every operation once on two images: inputs one cannot handle are refused now, naming it
             self.perturbation.check(x, y, num_classes=num_classes)
             self.pool_checked = True
-        targets = y.to(self.device)
+        targets = y.to(device)
         if perturbed is not None:
             x_p, y_p = self.perturbation.perturb(
                 op_index,
-                x.to(self.devices[perturbed]),
-                y.to(self.devices[perturbed]),
+                x.to(devices[perturbed]),
+                y.to(devices[perturbed]),
                 seed=op_seed,
                 num_classes=num_classes,
             )
-            logits[perturbed] = self._forward(perturbed, x_p)
+            logits[perturbed] = self._forward(perturbed, x_p, devices[perturbed])
             num_classes = check.check_logits(logits, x.shape[0], list(range(n)))
-            targets = _member_targets(targets, y_p.to(self.device), perturbed, n, num_classes)
-        captured = self._captured(x)
+            targets = _member_targets(targets, y_p.to(device), perturbed, n, num_classes)
+        captured = self._captured(device)
         out = self.loss_fn(
-            [z.to(self.device) for z in logits],
+            [z.to(device) for z in logits],
             targets,
             terms=self.terms,
             features=captured.get("features"),
@@ -335,25 +338,25 @@ class CompetitiveGroup:
         op_index, op_seed = self.perturbation.draw(self.generator)
         return (member if perturb else None), op_index, op_seed
 
-    def _forward(self, i: int, x: Tensor) -> Tensor:
-        x = x.to(self.devices[i], non_blocking=True)
+    def _forward(self, i: int, x: Tensor, device: torch.device) -> Tensor:
+        x = x.to(device, non_blocking=True)
         if self.autocast_dtype is None:
             output = self.models[i](x)
         else:
-            with torch.autocast(self.devices[i].type, dtype=self.autocast_dtype):
+            with torch.autocast(device.type, dtype=self.autocast_dtype):
                 output = self.models[i](x)
         return extract_logits(output, self.logits_from[i], member=i)
 
-    def _captured(self, x: Tensor) -> dict[str, list[Tensor]]:
+    def _captured(self, device: torch.device) -> dict[str, list[Tensor]]:
         """The hooked outputs of this forward; builds the terms' parts on first sight of the shapes."""
         captured = {}
         for need in self.needs:
             values = self.capture[need].take(need)
-            captured[need] = [v.to(self.device) for v in values]
+            captured[need] = [v.to(device) for v in values]
         if self.shapes is None:
             self._build({k: [tuple(v.shape[1:]) for v in vs] for k, vs in captured.items()})
         else:
-            check.check_shapes(captured, self.shapes, self.terms)
+            check.check_shapes(captured, self.shapes, self.fixed_shapes)
         return captured
 
     def _probe(self, example_input: Tensor) -> dict[str, list[tuple[int, ...]]]:
@@ -362,7 +365,7 @@ class CompetitiveGroup:
             with torch.no_grad():
                 for i, model in enumerate(self.models):
                     model.eval()
-                    self._forward(i, example_input.to(self.devices[i]))
+                    self._forward(i, example_input, self.devices[i])
             return {need: [tuple(v.shape[1:]) for v in self.capture[need].take(need)] for need in self.needs}
         finally:
             for model, mode in zip(self.models, modes):
@@ -377,6 +380,8 @@ class CompetitiveGroup:
             if term.needs:
                 term.build({need: shapes[need] for need in term.needs})
         self.terms.to(self.device)
+        # what must keep its shape from now on: the inputs of terms that hold learnable parts
+        self.fixed_shapes = {need for t in self.terms if any(True for _ in t.parameters()) for need in t.needs}
         share_parameters(self.terms, self.process_group)  # identical on every rank, gradients averaged
         owned = [[p for term in self.terms for p in term.member_parameters(i)] for i in range(len(self.models))]
         check.check_owners(self.optimizers, owned)
