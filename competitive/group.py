@@ -67,7 +67,8 @@ class CompetitiveGroup:
             floating dtype (e.g. ``torch.bfloat16``). Default: None.
         example_input (Tensor, optional): a batch of inputs used once (no gradient, eval mode)
             to create the terms' adapters and heads when the group is built. Without it, parts
-            whose shapes need a forward are created at the first step.
+            whose shapes need a forward are created at the start of the first step, from that
+            batch's first two inputs, before its forward.
         process_group (ProcessGroup, optional): ranks that agree on one teacher under DDP.
 
     Note:
@@ -237,6 +238,9 @@ class CompetitiveGroup:
         if self.counters.last_teacher.device != device:  # the members moved (e.g. a trainer's .to())
             self.terms.to(device)
             self.counters.to(device)
+        if self.shapes is None:
+            # no example_input: size the parts from this batch's first inputs before its forward
+            self._build(self._probe(x[:2]))
         if train:
             self.watch.poll()
         n = len(self.models)
@@ -348,15 +352,12 @@ class CompetitiveGroup:
         return extract_logits(output, self.logits_from[i], member=i)
 
     def _captured(self, device: torch.device) -> dict[str, list[Tensor]]:
-        """The hooked outputs of this forward; builds the terms' parts on first sight of the shapes."""
+        """The hooked outputs of this forward, checked against the shapes the parts were built for."""
         captured = {}
         for need in self.needs:
             values = self.capture[need].take(need)
             captured[need] = [v.to(device) for v in values]
-        if self.shapes is None:
-            self._build({k: [tuple(v.shape[1:]) for v in vs] for k, vs in captured.items()})
-        else:
-            check.check_shapes(captured, self.shapes, self.fixed_shapes)
+        check.check_shapes(captured, self.shapes, self.fixed_shapes)
         return captured
 
     def _probe(self, example_input: Tensor) -> dict[str, list[tuple[int, ...]]]:
