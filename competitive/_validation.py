@@ -94,6 +94,16 @@ def _real(value: Any) -> float | None:
     return None
 
 
+def check_real(name: str, value: Any, *, positive: bool = False, owner: str = "") -> float:
+    """``value`` as a finite Python float ``>= 0`` (``> 0`` with ``positive``), or a ValueError naming it."""
+    real = _real(value)
+    if real is None or not math.isfinite(real) or real < 0 or (positive and real == 0):
+        where = f" for the {owner!r} term" if owner else ""
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"Invalid {name} value {value!r} provided{where}. Please provide a finite value {bound}.")
+    return real
+
+
 def check_settings(
     *,
     rule: str,
@@ -115,16 +125,8 @@ def check_settings(
     from .perturbation import PerturbationPool
 
     check_rule(rule, granularity)
-    out = {}
-    for name, value in (("alpha", alpha), ("beta", beta)):
-        real = _real(value)
-        if real is None or not math.isfinite(real) or real < 0:
-            raise ValueError(f"Invalid {name} value {value!r} provided. Please provide a finite value >= 0.")
-        out[name] = real
-    real = _real(temperature)
-    if real is None or not math.isfinite(real) or real <= 0:
-        raise ValueError(f"Invalid temperature value {temperature!r} provided. Please provide a finite value > 0.")
-    out["temperature"] = real
+    out = {"alpha": check_real("alpha", alpha), "beta": check_real("beta", beta)}
+    out["temperature"] = check_real("temperature", temperature, positive=True)
     real = _real(perturb_prob)
     if real is None or not 0 <= real <= 1:
         raise ValueError(

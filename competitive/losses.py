@@ -66,10 +66,9 @@ def competition_score(ce_per_sample: Tensor, targets: Tensor) -> Tensor:
     return score
 
 
-def _finite_samples(values: Sequence[Tensor] | None, batch: int, like: Tensor) -> Tensor:
-    if values is None:
-        return torch.ones(len(like), batch, dtype=torch.bool, device=like.device)
-    return torch.stack([torch.isfinite(v.detach().reshape(batch, -1)).all(dim=1).to(like.device) for v in values])
+def _finite_samples(values: Sequence[Tensor], batch: int) -> Tensor:
+    """``[N, B]``: where each member's hooked output is all finite."""
+    return torch.stack([torch.isfinite(v.detach().reshape(batch, -1)).all(dim=1) for v in values])
 
 
 def step_losses(
@@ -115,11 +114,10 @@ def _compete(logits, targets, features, embeddings, rule, granularity, reduce_sc
     ce_per_sample = cross_entropy(log_probs, targets)
     batch = ce_per_sample.shape[1]
     # a member may act as a target only where all its outputs are finite
-    teaches = (
-        torch.isfinite(ce_per_sample)
-        & _finite_samples(features, batch, ce_per_sample)
-        & _finite_samples(embeddings, batch, ce_per_sample)
-    )
+    teaches = torch.isfinite(ce_per_sample)
+    for values in (features, embeddings):
+        if values is not None:
+            teaches = teaches & _finite_samples(values, batch).to(teaches.device)
     score = torch.where(teaches, competition_score(ce_per_sample, targets), torch.nan)
     if granularity == "batch":
         score = score.mean(dim=1)

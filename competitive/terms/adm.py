@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_real
 from .base import StepOutputs, upcast, weighted
 from .feature import Adapted, sample_mask
 
@@ -110,10 +111,8 @@ class ADM(Adapted):
 
     def __init__(self, weight: float = 1.0, *, consensus: float = 1.0, divergence: float = 0.1):
         super().__init__(weight)
-        for key, value in (("consensus", consensus), ("divergence", divergence)):
-            if not isinstance(value, (int, float)) or not value == value or abs(value) == float("inf") or value < 0:
-                raise ValueError(f"Invalid {key} value {value!r} provided. Please provide a finite value >= 0.")
-        self.consensus, self.divergence = float(consensus), float(divergence)
+        self.consensus = check_real("consensus", consensus)
+        self.divergence = check_real("divergence", divergence)
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         return adm_loss(

@@ -11,12 +11,13 @@ To add a term: subclass :class:`Term`, set ``name`` and ``needs``, implement ``f
 ``build`` / ``member_parameters`` if it learns), and pass an instance in ``terms=[...]``.
 """
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from .._validation import check_real
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -78,13 +79,7 @@ class Term(nn.Module):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        weight = float(weight) if isinstance(weight, (int, float)) or _is_real_scalar(weight) else weight
-        if not isinstance(weight, float) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(
-                f"Invalid weight value {weight!r} provided for the {self.name or type(self).__name__!r} term. "
-                "Please provide a finite value >= 0."
-            )
-        self.weight = weight
+        self.weight = check_real("weight", weight, owner=self.name or type(self).__name__)
 
     def build(self, shapes: dict[str, list[tuple[int, ...]]]) -> None:  # noqa: B027
         """Create the learnable parts from the members' shapes (without the batch dim), once.
@@ -101,10 +96,3 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
-
-
-def _is_real_scalar(value) -> bool:
-    # numpy scalars and 0-d tensors are accepted for weights, as for alpha / beta
-    if isinstance(value, Tensor):
-        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
-    return type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0

@@ -1,10 +1,9 @@
 """``L_D``: the student imitates its teachers' class distributions (paper Eq. 9)."""
 
-import math
-
 import torch
 from torch import Tensor
 
+from .._validation import check_real
 from .base import StepOutputs, Term, per_sample, upcast
 
 
@@ -45,10 +44,7 @@ class KL(Term):
 
     def __init__(self, weight: float = 1.0, *, temperature: float = 1.0):
         super().__init__(weight)
-        temperature = float(temperature) if isinstance(temperature, (int, float)) else temperature
-        if not isinstance(temperature, float) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"Invalid temperature value {temperature!r} provided. Please provide a finite value > 0.")
-        self.temperature = temperature
+        self.temperature = check_real("temperature", temperature, positive=True)
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         return kl_term(outputs.log_probs, outputs.teaches, weights, temperature=self.temperature, logits=outputs.logits)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_real
 from .base import StepOutputs, Term, per_sample, upcast, weighted
 
 
@@ -154,20 +155,9 @@ class MCL(Term):
     ):
         super().__init__(weight)
         settings = dict(tau=tau, temperature=temperature, vcl=vcl, soft_vcl=soft_vcl, icl=icl, soft_icl=soft_icl)
-        for key, value in settings.items():
-            positive = key in ("tau", "temperature")
-            if (
-                not isinstance(value, (int, float))
-                or not value == value
-                or abs(value) == float("inf")
-                or value < 0
-                or (positive and value == 0)
-            ):
-                bound = "> 0" if positive else ">= 0"
-                raise ValueError(f"Invalid {key} value {value!r} provided. Please provide a finite value {bound}.")
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"Invalid dim value {dim!r} provided. Please provide a positive int.")
-        self.settings = {k: float(v) for k, v in settings.items()}
+        self.settings = {k: check_real(k, v, positive=k in ("tau", "temperature")) for k, v in settings.items()}
         self.dim = dim
         self.heads = nn.ModuleList()
 
