@@ -26,6 +26,8 @@ import copy
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import sys
 import time
@@ -41,15 +43,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import build  # noqa: E402
 
 from competitive import CompetitiveGroup, group_loss, step_losses  # noqa: E402
+from competitive.memory import keep_freed_memory  # noqa: E402
 from competitive.terms import TERMS  # noqa: E402
 
-# glibc returns large freed blocks to the OS and page-faults them back in at the next step; a
-# group holds all members' activations at once, so it pays this more than members trained alone
-TUNED_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": str(2**34),
-    "MALLOC_TRIM_THRESHOLD_": str(2**34),
-    "MALLOC_TOP_PAD_": str(2**30),
+# malloc settings for --allocator: glibc's environment variables that keep freed memory, or a
+# preloaded allocator (Debian: libjemalloc2, libtcmalloc-minimal4)
+ALLOCATORS = {
+    "glibc": {},
+    "tuned": {
+        "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+        "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+        "MALLOC_TOP_PAD_": str(2**30),
+    },
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
 }
+
+
+def _preloadable(library: str) -> str:
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        if os.path.exists(os.path.join(folder, library)):
+            return os.path.join(folder, library)
+    found = shutil.which(library)
+    if found is None:
+        raise SystemExit(
+            f"--allocator: {library} is not installed (Debian: apt-get install libjemalloc2 / libtcmalloc-minimal4)"
+        )
+    return found
+
 
 GROUPS = {
     "2 x resnet32": ["resnet32", "resnet32"],
@@ -119,31 +140,55 @@ def bench_group(names, args, device):
         ("(d) best eager", "best", False),
         ("(e) best compiled", "best", True),
         ("(g) ours, better, no features", "better", False),
+        ("(h) ours, better, loss() + one backward", "better", False),
     ]:
         models = copy.deepcopy(base)
-        features = dict(feature_hooks=hooks, example_input=x[:2]) if label[1] != "g" else {}
-        group = CompetitiveGroup(models, _optimizers(models), rule=rule, compile=compiled, warmup_steps=0, **features)
-        variants[label] = (lambda g: lambda: g.step((x, y)))(group)
+        features = dict(feature_hooks=hooks, example_input=x[:2]) if label[1] not in "gh" else {}
+        group = CompetitiveGroup(
+            models,
+            _optimizers(models),
+            rule=rule,
+            compile=compiled,
+            warmup_steps=0,
+            keep_cpu_memory=args.keep_cpu_memory,
+            **features,
+        )
+        variants[label] = (
+            (lambda g: lambda: g.step((x, y)))(group) if label[1] != "h" else partial(_summed, group, x, y)
+        )
     times = {k: [] for k in variants}
+    faults = {k: [] for k in variants}
     for step in range(args.warmup + args.steps):
         for label, fn in variants.items():  # interleaved: one step of each variant in turn
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = _timed(fn, device)
             if step >= args.warmup:
                 times[label].append(t)
+                faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     limit = statistics.median(times["(a) limit"])
-    authors = times["(f) authors' loop, better"]
-    ours = times["(g) ours, better, no features"]
     result = {
         k: {
             "median_ms": 1e3 * statistics.median(v),
             "ratio": statistics.median(v) / limit,
+            "faults": statistics.median(faults[k]),
             "samples_ms": [1e3 * t for t in v],
         }
         for k, v in times.items()
     }
-    # the two measured in the same rounds: the median of the per-round ratios
-    result["(g) / (f)"] = {"ratio": statistics.median(a / b for a, b in zip(ours, authors))}
+    # measured in the same rounds: the median of the per-round ratios
+    authors = times["(f) authors' loop, better"]
+    for label in ("(g) ours, better, no features", "(h) ours, better, loss() + one backward"):
+        result[label]["of_authors"] = statistics.median(a / b for a, b in zip(times[label], authors))
     return result
+
+
+def _summed(group, x, y):
+    """The ``loss()`` path: the summed losses, one backward, then every optimizer steps."""
+    total, _ = group.loss((x, y))
+    total.backward()
+    for optimizer in group.optimizers:
+        optimizer.step()
+    group.zero_grad()
 
 
 def _interleaved(variants: dict, rounds: int, number: int) -> dict[str, float]:
@@ -258,23 +303,36 @@ def main():
     p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument(
-        "--tuned-malloc",
-        action="store_true",
-        help="re-run under glibc malloc settings that keep freed memory (see README: CPU allocator)",
+        "--allocator",
+        choices=list(ALLOCATORS),
+        default="glibc",
+        help="re-run under glibc's malloc environment variables that keep freed memory ('tuned'), or with "
+        "jemalloc / tcmalloc preloaded (see README: CPU allocator). Default: glibc, no environment variable",
+    )
+    p.add_argument(
+        "--keep-cpu-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the groups' keep_cpu_memory (default: on, the library's default); with it, glibc keeps freed "
+        "memory from the start for every variant of the process (it is process-wide)",
     )
     args = p.parse_args()
-    if args.tuned_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ.update(TUNED_MALLOC)
+    wanted = {k: v for k, v in ALLOCATORS[args.allocator].items()}
+    if "LD_PRELOAD" in wanted:
+        wanted["LD_PRELOAD"] = _preloadable(wanted["LD_PRELOAD"])
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.environ.update(wanted)
         os.execv(sys.executable, [sys.executable, *sys.argv])
     device = torch.device(args.device)
+    cpu_memory = keep_freed_memory() if args.keep_cpu_memory and device.type == "cpu" else "glibc default"
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # one thread per core this process may use
     threads = torch.get_num_threads()
-    malloc = "tuned" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "default"
+    malloc = args.allocator
     print(
         f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'})"
         f" torch={torch.__version__} threads={threads} cores={len(os.sched_getaffinity(0))} batch={args.batch} "
-        f"warmup={args.warmup} steps={args.steps} malloc={malloc}"
+        f"warmup={args.warmup} steps={args.steps} allocator={malloc} cpu_memory={cpu_memory}"
         " (medians; variants interleaved step by step)",
         flush=True,
     )
@@ -286,7 +344,8 @@ def main():
             "batch": args.batch,
             "warmup": args.warmup,
             "steps": args.steps,
-            "malloc": malloc,
+            "allocator": malloc,
+            "cpu_memory": cpu_memory,
         }
     }
     if args.part in ("all", "group"):
@@ -295,11 +354,14 @@ def main():
             print(f"\n{name}, batch {args.batch}", flush=True)
             result = bench_group(GROUPS[name], args, device)
             out["group"][name] = result
-            print("| variant | median ms | / limit |\n|---|---|---|")
+            print("| variant | median ms | / limit | / authors' loop | minor page faults per step |")
+            print("|---|---|---|---|---|")
             for label, r in result.items():
-                if "median_ms" in r:
-                    print(f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
-            print(f"ours / authors' loop (rule better, no features): {result['(g) / (f)']['ratio']:.3f}", flush=True)
+                of_authors = f"{r['of_authors']:.3f}" if "of_authors" in r else ""
+                print(
+                    f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} | {of_authors} | {r['faults']:.0f} |",
+                    flush=True,
+                )
     if args.part in ("all", "loss"):
         print("\neach term's math, forward + backward (step_losses, rule='best'), eager and compiled", flush=True)
         out["terms"] = bench_terms(args, device)
@@ -307,7 +369,8 @@ def main():
             print("\nloss math forward + backward (group_loss, rule='best'), eager vs compiled", flush=True)
             out["loss"] = bench_loss(args, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"step-{device.type}-{args.part}-{malloc}.json"
+    memory = "" if args.keep_cpu_memory or device.type != "cpu" else "-nokeep"
+    path = args.out / f"step-{device.type}-{args.part}-{malloc}{memory}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"\nwrote {path}")
 

@@ -118,6 +118,7 @@ def check_settings(
     seed: Any,
     compile: Any,
     skip_nonfinite: Any,
+    keep_cpu_memory: Any,
     autocast_dtype: Any,
     perturbation: Any,
 ) -> dict[str, float]:
@@ -147,7 +148,7 @@ def check_settings(
             )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise TypeError(f"Invalid seed value {seed!r} provided. Please provide an int >= 0 or None.")
-    for name, value in (("compile", compile), ("skip_nonfinite", skip_nonfinite)):
+    for name, value in (("compile", compile), ("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
         if not isinstance(value, bool):
             raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")
     if autocast_dtype is not None and not (

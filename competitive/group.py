@@ -15,6 +15,7 @@ from . import _validation as check
 from .distributed import global_mean, share_parameters
 from .features import FeatureCapture, HookSpec, extract_logits, resolve_hooks
 from .losses import step_losses
+from .memory import keep_freed_memory
 from .perturbation import PerturbationPool
 from .result import StepResult
 from .stats import GroupStats, NonfiniteWatch
@@ -70,6 +71,11 @@ class CompetitiveGroup:
             whose shapes need a forward are created at the start of the first step, from that
             batch's first two inputs, before its forward.
         process_group (ProcessGroup, optional): ranks that agree on one teacher under DDP.
+        keep_cpu_memory (bool): at the first training step on the CPU, ask glibc's malloc to keep
+            the memory it frees (:func:`competitive.memory.keep_freed_memory`, process-wide), so
+            the members' activations are not page-faulted in again at every step; ``group.cpu_memory``
+            says whether it took effect. No effect on GPUs, or where malloc is not glibc's or the
+            ``MALLOC_*_`` variables are set. Default: True.
 
     Note:
         Learnable parts of the terms (adapters ``"i_j"`` from student ``i`` to teacher ``j``,
@@ -111,6 +117,7 @@ class CompetitiveGroup:
         autocast_dtype: torch.dtype | None = None,
         example_input: Tensor | None = None,
         process_group: Any = None,
+        keep_cpu_memory: bool = True,
     ):
         check.check_members(models, optimizers, feature_hooks, embedding_hooks)
         settings = check.check_settings(
@@ -126,6 +133,7 @@ class CompetitiveGroup:
             seed=seed,
             compile=compile,
             skip_nonfinite=skip_nonfinite,
+            keep_cpu_memory=keep_cpu_memory,
             autocast_dtype=autocast_dtype,
             perturbation=perturbation,
         )
@@ -154,6 +162,8 @@ class CompetitiveGroup:
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
         self.process_group = process_group
+        self.keep_cpu_memory = keep_cpu_memory
+        self.cpu_memory: str | None = None  # what keep_freed_memory() answered, at the first CPU step
         self.reduce_score = global_mean(process_group) if granularity == "batch" else None
         self.loss_fn: Callable = torch.compile(step_losses, fullgraph=True) if compile else step_losses
         self.counters = GroupStats(n).to(self.device)
@@ -171,7 +181,12 @@ class CompetitiveGroup:
     # -- the step -----------------------------------------------------------------------------
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
-        """One iteration (paper Eq. 5): losses, one backward, every optimizer steps, grads zeroed.
+        """One iteration (paper Eq. 5): losses, then per member its backward, optimizer step, grads zeroed.
+
+        The gradients are those of one backward of the summed losses (the members' parameters are
+        disjoint): the step math is differentiated once, on its inputs cut from the members' graphs,
+        and each member's backward then runs from its outputs in turn (member 0 first), followed at
+        once by its optimizer step, so its graph is freed before the next member's backward.
 
         Args:
             batch: ``(inputs, targets)``, targets as integer class indices ``[B]``.
@@ -182,20 +197,28 @@ class CompetitiveGroup:
                 "step() was called with gradients disabled (inside torch.no_grad() or inference_mode()), so "
                 "no member can learn. Call step() outside it; for validation use group.evaluate(batch)."
             )
-        total, result = self.loss(batch)
+        cut = _Cut(len(self.models))
+        total, result = self._run(batch, train=True, cut=cut)
+        # the step math's own (small) backward: the gradients of every member's outputs and of the
+        # terms' parts; then each member's backward from its outputs, its graph freed, its step
         (scaler.scale(total) if scaler is not None else total).backward()
         try:
-            self.watch.wait()  # a step where no member's loss is finite raises here, before any update
-        except RuntimeError:
+            for i, optimizer in enumerate(self.optimizers):
+                cut.backward(i)
+                if i == 0:
+                    # a step where no member's loss is finite raises here, before any update; on a GPU
+                    # this waits for the flags' copy while the first member's backward runs
+                    self.watch.wait()
+                    skip = result.nonfinite.tolist() if self.skip_nonfinite else [False] * len(self.models)
+                if optimizer is not None:
+                    if not skip[i]:
+                        scaler.step(optimizer) if scaler is not None else optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        except BaseException:
             self.zero_grad()
             raise
-        skip = result.nonfinite.tolist() if self.skip_nonfinite else [False] * len(self.models)
-        for optimizer, skipped in zip(self.optimizers, skip):
-            if optimizer is not None and not skipped:
-                scaler.step(optimizer) if scaler is not None else optimizer.step()
         if scaler is not None:
             scaler.update()
-        self.zero_grad()
         return result
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, StepResult]:
@@ -220,12 +243,14 @@ class CompetitiveGroup:
         """
         return self._run(batch, train=False)[1]
 
-    def _run(self, batch: tuple[Tensor, Tensor], *, train: bool) -> tuple[Tensor, StepResult]:
+    def _run(
+        self, batch: tuple[Tensor, Tensor], *, train: bool, cut: "_Cut | None" = None
+    ) -> tuple[Tensor, StepResult]:
         devices = self.devices  # read once per step
         x, y = check.check_batch(batch, devices)
         generator_state = self.generator.get_state()
         try:
-            return self._losses(x, y, train, devices)
+            return self._losses(x, y, train, devices, cut)
         except BaseException:
             # a failed step leaves the group as it was: same draws next time, no stale captures
             self.generator.set_state(generator_state)
@@ -233,7 +258,9 @@ class CompetitiveGroup:
                 capture.clear()
             raise
 
-    def _losses(self, x: Tensor, y: Tensor, train: bool, devices: list[torch.device]) -> tuple[Tensor, StepResult]:
+    def _losses(
+        self, x: Tensor, y: Tensor, train: bool, devices: list[torch.device], cut: "_Cut | None"
+    ) -> tuple[Tensor, StepResult]:
         device = devices[0]  # where the step math runs
         if self.counters.last_teacher.device != device:  # the members moved (e.g. a trainer's .to())
             self.terms.to(device)
@@ -243,6 +270,8 @@ class CompetitiveGroup:
             self._build(self._probe(x[:2]))
         if train:
             self.watch.poll()
+            if self.keep_cpu_memory and self.cpu_memory is None and device.type == "cpu":
+                self.cpu_memory = keep_freed_memory()
         n = len(self.models)
         perturbed, op_index, op_seed = self._draw() if train else (None, 0, 0)
         skipped = None
@@ -272,9 +301,10 @@ class CompetitiveGroup:
             logits[perturbed] = self._forward(perturbed, x_p, devices[perturbed])
             num_classes = check.check_logits(logits, x.shape[0], list(range(n)))
             targets = _member_targets(targets, y_p.to(device), perturbed, n, num_classes)
-        captured = self._captured(device)
+        cut = cut if cut is not None else _no_cut
+        captured = self._captured(device, cut)
         out = self.loss_fn(
-            [z.to(device) for z in logits],
+            [cut(i, z).to(device) for i, z in enumerate(logits)],
             targets,
             terms=self.terms,
             features=captured.get("features"),
@@ -351,12 +381,12 @@ class CompetitiveGroup:
                 output = self.models[i](x)
         return extract_logits(output, self.logits_from[i], member=i)
 
-    def _captured(self, device: torch.device) -> dict[str, list[Tensor]]:
+    def _captured(self, device: torch.device, cut: Callable[[int, Tensor], Tensor]) -> dict[str, list[Tensor]]:
         """The hooked outputs of this forward, checked against the shapes the parts were built for."""
         captured = {}
         for need in self.needs:
             values = self.capture[need].take(need)
-            captured[need] = [v.to(device) for v in values]
+            captured[need] = [cut(i, v).to(device) for i, v in enumerate(values)]
         check.check_shapes(captured, self.shapes, self.fixed_shapes)
         return captured
 
@@ -462,6 +492,37 @@ class CompetitiveGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Cut:
+    """Each member's graph cut at its outputs (logits, hooked features and embeddings).
+
+    The step math runs on detached leaves that stand for those outputs, so one backward of the
+    summed losses fills the leaves' ``.grad``; :meth:`backward` then carries them through member
+    ``i``'s own graph. By the chain rule every parameter gets the gradient of the summed losses.
+    """
+
+    def __init__(self, n: int):
+        self.pairs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(n)]
+
+    def __call__(self, i: int, output: Tensor) -> Tensor:
+        if not output.requires_grad:
+            return output
+        leaf = output.detach().requires_grad_()
+        self.pairs[i].append((output, leaf))
+        return leaf
+
+    def backward(self, i: int) -> None:
+        """Member ``i``'s backward from its outputs; its graph is freed."""
+        pairs = [(output, leaf.grad) for output, leaf in self.pairs[i] if leaf.grad is not None]
+        self.pairs[i] = []
+        if pairs:
+            outputs, grads = zip(*pairs)
+            torch.autograd.backward(outputs, grads)
+
+
+def _no_cut(i: int, output: Tensor) -> Tensor:
+    return output
 
 
 def _member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: int) -> Tensor:

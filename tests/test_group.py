@@ -200,3 +200,51 @@ def test_loss_leaves_stepping_to_the_caller():
             torch.testing.assert_close(p.grad, g)
     assert all(p.grad is not None for p in models[0].parameters())
     assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), before))
+
+
+def _summed_step(group, batch):
+    """The obvious step: the summed losses, one backward through every member, every optimizer steps."""
+    total, result = group.loss(batch)
+    total.backward()
+    for optimizer in group.optimizers:
+        optimizer.step()
+    group.zero_grad()
+    return result
+
+
+@pytest.mark.parametrize("rule", ["best", "mutual"])
+def test_member_by_member_backward_equals_one_backward_of_the_sum(rule):
+    # step() backpropagates the step math once, then each member from its outputs in turn, stepping
+    # it at once; every parameter (members, adapters, heads) must end bitwise where one backward of
+    # the summed losses puts it, perturbed (mixed) batches included
+    from competitive import PerturbationPool, default_operations
+
+    def build():
+        models = [tiny_cnn(width=w, classes=5, seed=i, dtype=torch.float32) for i, w in enumerate((4, 6, 4))]
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in models]
+        ops = default_operations()
+        pool = PerturbationPool({k: ops[k] for k in ("mixup", "gaussian_noise")})
+        return CompetitiveGroup(
+            models,
+            optimizers,
+            feature_hooks=["1"] * 3,
+            embedding_hooks=["4"] * 3,
+            terms=["kl", "feature", "mcl", "adm"],
+            rule=rule,
+            warmup_steps=2,
+            perturbation=pool,
+            seed=0,
+            example_input=_batch(0, dtype=torch.float32)[0][:2],
+        )
+
+    group, twin = build(), build()
+    for step in range(6):
+        batch = _batch(step, dtype=torch.float32)
+        result, expected = group.step(batch), _summed_step(twin, batch)
+        assert torch.equal(result.loss, expected.loss) and result.perturbed == expected.perturbed
+    for a, b in zip(
+        group.state_dict()["models"] + [group.terms.state_dict()],
+        twin.state_dict()["models"] + [twin.terms.state_dict()],
+    ):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.grad is None for o in group.optimizers for g in o.param_groups for p in g["params"])
