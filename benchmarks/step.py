@@ -4,14 +4,21 @@
     python benchmarks/step.py --part group    # or --part loss
 
 Part 1 (``group``): for each group of members, one step of each variant in turn, interleaved
-step by step, median over ``--steps`` steps after ``--warmup``:
+step by step, over ``--steps`` steps after ``--warmup``; each ratio is the median of the per-round
+ratios, beside the median time and the median count of minor page faults per step (``getrusage``):
 (a) the limit: each member's plain training step (forward, CE, backward, optimizer step) outside
 the group, summed; (b) the group with ``rule="independent"``; (c) ``"mutual"``; (d) ``"best"``
 eager; (e) ``"best"`` with ``compile=True``; (f) the authors' public loop structure (forward every
 member, then per member: its loss against the members with a lower CE read on the host, zero_grad,
 backward, step) with their rule; (g) our group with that rule (``"better"``) and no features, whose
-ratio to (f) is printed. (b)-(e) capture the members' default feature maps (``beta=1``), so they run
-the same code and differ in the rule only.
+ratio to (f) is printed; (h) the same group through ``loss()``: the summed losses, one backward,
+then every optimizer steps. (b)-(e) capture the members' default feature maps (``beta=1``), so they
+run the same code and differ in the rule only.
+
+The groups keep freed CPU memory (``keep_cpu_memory``, the default), which is process-wide: with
+it, every variant of the run, the limit included, runs with glibc keeping freed memory from the
+start; ``--no-keep-cpu-memory`` runs all of them at glibc's adaptive default. ``--allocator``
+re-runs the script under glibc's malloc environment variables or a preloaded jemalloc / tcmalloc.
 
 Part 2 (``loss``): each knowledge term's math (``step_losses`` forward + backward, KL, feature L2,
 MCL, ADM) eager and compiled, against one step of a 2 x ResNet-32 group in the same run; then
@@ -165,20 +172,22 @@ def bench_group(names, args, device):
             if step >= args.warmup:
                 times[label].append(t)
                 faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    limit = statistics.median(times["(a) limit"])
+
+    def of(label, reference):  # measured in the same rounds: the median of the per-round ratios
+        return statistics.median(a / b for a, b in zip(times[label], times[reference]))
+
     result = {
         k: {
             "median_ms": 1e3 * statistics.median(v),
-            "ratio": statistics.median(v) / limit,
+            "ratio": of(k, "(a) limit"),
             "faults": statistics.median(faults[k]),
             "samples_ms": [1e3 * t for t in v],
         }
         for k, v in times.items()
     }
-    # measured in the same rounds: the median of the per-round ratios
-    authors = times["(f) authors' loop, better"]
     for label in ("(g) ours, better, no features", "(h) ours, better, loss() + one backward"):
-        result[label]["of_authors"] = statistics.median(a / b for a, b in zip(times[label], authors))
+        result[label]["of_authors"] = of(label, "(f) authors' loop, better")
+    result["(e) best compiled"]["of_eager"] = of("(e) best compiled", "(d) best eager")
     return result
 
 
@@ -354,12 +363,13 @@ def main():
             print(f"\n{name}, batch {args.batch}", flush=True)
             result = bench_group(GROUPS[name], args, device)
             out["group"][name] = result
-            print("| variant | median ms | / limit | / authors' loop | minor page faults per step |")
-            print("|---|---|---|---|---|")
+            print("| variant | median ms | / limit | / authors' loop | / eager | minor page faults per step |")
+            print("|---|---|---|---|---|---|")
             for label, r in result.items():
-                of_authors = f"{r['of_authors']:.3f}" if "of_authors" in r else ""
+                of_authors, of_eager = (f"{r[k]:.3f}" if k in r else "" for k in ("of_authors", "of_eager"))
                 print(
-                    f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} | {of_authors} | {r['faults']:.0f} |",
+                    f"| {label} | {r['median_ms']:.1f} | {r['ratio']:.3f} | {of_authors} | {of_eager} "
+                    f"| {r['faults']:.0f} |",
                     flush=True,
                 )
     if args.part in ("all", "loss"):

@@ -27,8 +27,9 @@ class CompetitiveGroup:
 
     Each :meth:`step` forwards every member, picks this step's teacher from the cross-entropies,
     adds every knowledge term (by default ``alpha * KL(p_T || p_i)``, and
-    ``beta * ||F_i - F_T||^2`` with ``feature_hooks``) to each student's loss, backpropagates once
-    and steps every optimizer. See README for the rules, terms and equations.
+    ``beta * ||F_i - F_T||^2`` with ``feature_hooks``) to each student's loss, then backpropagates
+    and steps each member in turn, with the gradients of one backward of the summed losses. See
+    README for the rules, terms and equations.
 
     Args:
         models (list of nn.Module): the members; logits ``[B, C]`` with the same ``C >= 2``.

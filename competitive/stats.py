@@ -68,9 +68,10 @@ class NonfiniteWatch:
     """Reports members whose loss is NaN or inf without a host sync in the step.
 
     On the CPU the flags are read at once. On a GPU they are copied to pinned memory
-    asynchronously, behind an event: :meth:`wait` (called by ``step()`` after the backward pass,
-    before any optimizer runs) blocks until that copy has landed, which the GPU reaches as soon as
-    the forward pass is done, while the backward kernels already queued keep it busy; warnings for
+    asynchronously, behind an event: :meth:`wait` (called by ``step()`` after the first member's
+    backward pass, before any optimizer runs) blocks until that copy has landed, which the GPU
+    reaches as soon as the forward pass is done, while the backward kernels already queued keep it
+    busy; warnings for
     single members are raised when their copy is seen.
     """
 
