@@ -383,11 +383,15 @@ class CompetitiveGroup:
         return extract_logits(output, self.logits_from[i], member=i)
 
     def _captured(self, device: torch.device, cut: Callable[[int, Tensor], Tensor]) -> dict[str, list[Tensor]]:
-        """The hooked outputs of this forward, checked against the shapes the parts were built for."""
+        """The hooked outputs of this forward, checked against the shapes the parts were built for.
+
+        Made contiguous: the terms flatten them, and a compiled step math is several times slower
+        on ``channels_last`` inputs than on the same values laid out contiguously.
+        """
         captured = {}
         for need in self.needs:
             values = self.capture[need].take(need)
-            captured[need] = [cut(i, v).to(device) for i, v in enumerate(values)]
+            captured[need] = [cut(i, v).to(device).contiguous() for i, v in enumerate(values)]
         check.check_shapes(captured, self.shapes, self.fixed_shapes)
         return captured
 
