@@ -20,6 +20,9 @@ it, every variant of the run, the limit included, runs with glibc keeping freed 
 start; ``--no-keep-cpu-memory`` runs all of them at glibc's adaptive default. ``--allocator``
 re-runs the script under glibc's malloc environment variables or a preloaded jemalloc / tcmalloc.
 
+Part ``overhead``: the group's own cost per step, with members of one linear layer, against the
+limit and the authors' loop (``torch.utils.benchmark.Timer``, 20 steps a round, interleaved).
+
 Part 2 (``loss``): each knowledge term's math (``step_losses`` forward + backward, KL, feature L2,
 MCL, ADM) eager and compiled, against one step of a 2 x ResNet-32 group in the same run; then
 ``group_loss`` forward + backward for N in {2, 4, 8}, B in {128, 256}, C in {10, 100, 1000}, with
@@ -191,6 +194,53 @@ def bench_group(names, args, device):
     return result
 
 
+def bench_overhead(args, device):
+    """The group's own cost per step: members so small (one linear layer on 3 x 8 x 8 inputs) that the
+    step is all bookkeeping; the limit, the authors' loop and the group's rules, interleaved."""
+    torch.manual_seed(0)
+    n = 2
+    base = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).to(device) for _ in range(n)]
+    x = torch.randn(args.batch, 3, 8, 8, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    variants = {}
+    limit_models = copy.deepcopy(base)
+    limit_opts = _optimizers(limit_models)
+
+    def limit_step():
+        for m, o in zip(limit_models, limit_opts):
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    variants["limit"] = limit_step
+    authors_models = copy.deepcopy(base)
+    authors_opts = _optimizers(authors_models)
+
+    def authors_step():
+        outputs = [m(x) for m in authors_models]
+        ces = [F.cross_entropy(z, y) for z in outputs]
+        for i, optimizer in enumerate(authors_opts):
+            better = [j for j in range(n) if j != i and ces[j].item() < ces[i].item()]
+            loss = ces[i]
+            for j in better:
+                kl = F.kl_div(outputs[i].log_softmax(1), outputs[j].detach().softmax(1), reduction="batchmean")
+                loss = loss + kl / len(better)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    variants["authors' loop, better"] = authors_step
+    for rule, compiled in (("better", False), ("independent", False), ("best", False), ("best", True)):
+        models = copy.deepcopy(base)
+        group = CompetitiveGroup(models, _optimizers(models), rule=rule, compile=compiled, warmup_steps=0)
+        variants[f"group, {rule}{', compiled' if compiled else ''}"] = (lambda g: lambda: g.step((x, y)))(group)
+    medians = _interleaved(variants, rounds=args.overhead_rounds, number=20)
+    print("| variant | ms per step |\n|---|---|")
+    for label, t in medians.items():
+        print(f"| {label} | {1e3 * t:.3f} |", flush=True)
+    return {label: 1e3 * t for label, t in medians.items()}
+
+
 def _summed(group, x, y):
     """The ``loss()`` path: the summed losses, one backward, then every optimizer steps."""
     total, _ = group.loss((x, y))
@@ -233,6 +283,7 @@ def bench_terms(args, device):
     logits = [torch.randn(b, c, device=device, generator=g, requires_grad=True) for _ in range(n)]
     features = [torch.randn(b, 64, 8, 8, device=device, generator=g, requires_grad=True) for _ in range(n)]
     embeddings = [torch.randn(b, 64, device=device, generator=g, requires_grad=True) for _ in range(n)]
+    channels_last = [f.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for f in features]
     y = torch.randint(0, c, (b,), device=device, generator=g)
     models = [build("resnet32")[0].to(device).to(memory_format=torch.channels_last) for _ in range(n)]
     group = CompetitiveGroup(models, _optimizers(models), feature_hooks=["layer3"] * n, warmup_steps=0)
@@ -247,6 +298,12 @@ def bench_terms(args, device):
         terms = torch.nn.ModuleList([term]).to(device)
         for label, fn in (("eager", step_losses), ("compiled", torch.compile(step_losses, fullgraph=True))):
             variants[f"{name} {label}"] = partial(_term_step, fn, terms, logits, y, features, embeddings)
+            if name == "feature":
+                # the same values laid out channels_last, as hooked from channels_last members (the
+                # group hands the terms contiguous copies: this row shows why)
+                variants[f"feature-on-channels_last-maps {label}"] = partial(
+                    _term_step, fn, terms, logits, y, channels_last, embeddings
+                )
     torch._dynamo.reset()
     medians = _interleaved(variants, rounds=args.loss_steps, number=1)
     step = medians.pop("2 x resnet32 step (kl + feature)")
@@ -302,12 +359,13 @@ def bench_loss(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("all", "group", "loss"), default="all")
+    p.add_argument("--part", choices=("all", "group", "loss", "overhead"), default="all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--loss-steps", type=int, default=30)
+    p.add_argument("--overhead-rounds", type=int, default=30)
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
     p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -372,6 +430,9 @@ def main():
                     f"| {r['faults']:.0f} |",
                     flush=True,
                 )
+    if args.part in ("all", "overhead"):
+        print("\nthe group's own cost per step (members of one linear layer, batch of 3 x 8 x 8 inputs)", flush=True)
+        out["overhead"] = bench_overhead(args, device)
     if args.part in ("all", "loss"):
         print("\neach term's math, forward + backward (step_losses, rule='best'), eager and compiled", flush=True)
         out["terms"] = bench_terms(args, device)
