@@ -4,10 +4,11 @@ A group holds every member's activations at once (the teacher is known only afte
 forward), so each step allocates and frees several hundred MB in blocks of a few MB. glibc's
 malloc returns the top of its heap to the operating system whenever more than its trim threshold
 (about twice the largest block it has mmapped, 16 MB for CIFAR ResNets at batch 128) lies free
-there, and the next step page-faults the same memory back in: 20-45k minor page faults per
-2 x ResNet-32 step, 4-6 % of the step on the CPU. :func:`keep_freed_memory` asks glibc to keep what
-it frees, which is what PyTorch's CUDA caching allocator does on a GPU; the group calls it at its
-first CPU step (``keep_cpu_memory=True``, the default).
+there, and the next step page-faults the same memory back in: 10-40k minor page faults per step
+for 2 x ResNet-32 and 4 x ResNet-20 groups, 2-7 % of the step on the CPU (README, step time).
+:func:`keep_freed_memory` asks glibc to keep what it frees, which is what PyTorch's CUDA caching
+allocator does on a GPU; the group calls it at its first CPU training step (``keep_cpu_memory=True``,
+the default).
 """
 
 import ctypes
