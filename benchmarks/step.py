@@ -106,34 +106,29 @@ def _optimizers(models):
     return [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in models]
 
 
-def bench_group(names, args, device):
-    torch.manual_seed(0)
-    built = [build(n) for n in names]
-    base = [m.to(device).to(memory_format=torch.channels_last) for m, _ in built]
-    hooks = [h for _, h in built]
-    x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    variants = {}
-    limit_models = copy.deepcopy(base)
-    limit_opts = _optimizers(limit_models)
+def _limit(models, x, y):
+    """The limit: each member's plain training step (forward, CE, backward, optimizer step), in turn."""
+    optimizers = _optimizers(models)
 
-    def limit_step():
-        for m, o in zip(limit_models, limit_opts):
+    def step():
+        for m, o in zip(models, optimizers):
             F.cross_entropy(m(x), y).backward()
             o.step()
             o.zero_grad(set_to_none=True)
 
-    variants["(a) limit"] = limit_step
-    authors_models = copy.deepcopy(base)
-    authors_opts = _optimizers(authors_models)
+    return step
 
-    def authors_step():
-        # the structure of the authors' public training loop: forward every member, then for each
-        # member in turn its loss against the members with a lower CE (compared on the host), its own
-        # zero_grad, backward and optimizer step
-        outputs = [m(x) for m in authors_models]
+
+def _authors_loop(models, x, y):
+    """The structure of the authors' public training loop: forward every member, then for each member
+    in turn its loss against the members with a lower CE (compared on the host), its own zero_grad,
+    backward and optimizer step."""
+    optimizers = _optimizers(models)
+
+    def step():
+        outputs = [m(x) for m in models]
         ces = [F.cross_entropy(z, y) for z in outputs]
-        for i, optimizer in enumerate(authors_opts):
+        for i, optimizer in enumerate(optimizers):
             better = [j for j in range(len(outputs)) if j != i and ces[j].item() < ces[i].item()]
             loss = ces[i]
             for j in better:
@@ -143,7 +138,20 @@ def bench_group(names, args, device):
             loss.backward()
             optimizer.step()
 
-    variants["(f) authors' loop, better"] = authors_step
+    return step
+
+
+def bench_group(names, args, device):
+    torch.manual_seed(0)
+    built = [build(n) for n in names]
+    base = [m.to(device).to(memory_format=torch.channels_last) for m, _ in built]
+    hooks = [h for _, h in built]
+    x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    variants = {
+        "(a) limit": _limit(copy.deepcopy(base), x, y),
+        "(f) authors' loop, better": _authors_loop(copy.deepcopy(base), x, y),
+    }
     for label, rule, compiled in [
         ("(b) independent", "independent", False),
         ("(c) mutual", "mutual", False),
@@ -202,34 +210,10 @@ def bench_overhead(args, device):
     base = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).to(device) for _ in range(n)]
     x = torch.randn(args.batch, 3, 8, 8, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    variants = {}
-    limit_models = copy.deepcopy(base)
-    limit_opts = _optimizers(limit_models)
-
-    def limit_step():
-        for m, o in zip(limit_models, limit_opts):
-            F.cross_entropy(m(x), y).backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
-
-    variants["limit"] = limit_step
-    authors_models = copy.deepcopy(base)
-    authors_opts = _optimizers(authors_models)
-
-    def authors_step():
-        outputs = [m(x) for m in authors_models]
-        ces = [F.cross_entropy(z, y) for z in outputs]
-        for i, optimizer in enumerate(authors_opts):
-            better = [j for j in range(n) if j != i and ces[j].item() < ces[i].item()]
-            loss = ces[i]
-            for j in better:
-                kl = F.kl_div(outputs[i].log_softmax(1), outputs[j].detach().softmax(1), reduction="batchmean")
-                loss = loss + kl / len(better)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    variants["authors' loop, better"] = authors_step
+    variants = {
+        "limit": _limit(copy.deepcopy(base), x, y),
+        "authors' loop, better": _authors_loop(copy.deepcopy(base), x, y),
+    }
     for rule, compiled in (("better", False), ("independent", False), ("best", False), ("best", True)):
         models = copy.deepcopy(base)
         group = CompetitiveGroup(models, _optimizers(models), rule=rule, compile=compiled, warmup_steps=0)
