@@ -48,7 +48,7 @@ def test_kept_memory_is_not_faulted_in_again():
     answer, kept = _faults("keep", _clean_env())
     assert answer == "kept"
     assert default > 48 * 1024 * 0.9
-    assert kept < 1024
+    assert kept < 48 * 1024 / 10  # not one round faulted in again (a stray block may be)
 
 
 @glibc
