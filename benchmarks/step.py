@@ -19,6 +19,7 @@ The groups keep freed CPU memory (``keep_cpu_memory``, the default), which is pr
 it, every variant of the run, the limit included, runs with glibc keeping freed memory from the
 start; ``--no-keep-cpu-memory`` runs all of them at glibc's adaptive default. ``--allocator``
 re-runs the script under glibc's malloc environment variables or a preloaded jemalloc / tcmalloc.
+``--profile STEPS`` then prints ``torch.profiler`` tables (time and memory) of (a), (f), (d), (e).
 
 Part ``overhead``: the group's own cost per step, with members of one linear layer, against the
 limit and the authors' loop (``torch.utils.benchmark.Timer``, 20 steps a round, interleaved).
@@ -183,6 +184,8 @@ def bench_group(names, args, device):
             if step >= args.warmup:
                 times[label].append(t)
                 faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    if args.profile:
+        _profile(variants, args.profile)
 
     def of(label, reference):  # measured in the same rounds: the median of the per-round ratios
         return statistics.median(a / b for a, b in zip(times[label], times[reference]))
@@ -223,6 +226,18 @@ def bench_overhead(args, device):
     for label, t in medians.items():
         print(f"| {label} | {1e3 * t:.3f} |", flush=True)
     return {label: 1e3 * t for label, t in medians.items()}
+
+
+def _profile(variants, steps):
+    """``torch.profiler`` (time and memory) over ``steps`` steps of the limit, the authors' loop and
+    the ``best`` group eager and compiled: each variant's top operators by self CPU time, with the
+    memory they allocate and the number of calls."""
+    for label in ("(a) limit", "(f) authors' loop, better", "(d) best eager", "(e) best compiled"):
+        with torch.profiler.profile(profile_memory=True) as prof:
+            for _ in range(steps):
+                variants[label]()
+        print(f"\ntorch.profiler, {label}, {steps} steps", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
 
 
 def _summed(group, x, y):
@@ -350,6 +365,13 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--loss-steps", type=int, default=30)
     p.add_argument("--overhead-rounds", type=int, default=30)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="--part group: after the timing, profile this many steps of (a), (f), (d), (e) with torch.profiler",
+    )
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
     p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
