@@ -4,6 +4,7 @@ README), and where the logits are in a member's output."""
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -166,10 +167,14 @@ class FeatureAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if len(self.source) == 3 and len(self.target) == 1:
             return self.map(x.mean(dim=(2, 3)))
-        y = self.map(x)
-        if len(self.source) == 3 and len(self.target) == 3 and y.shape[-2:] != self.target[-2:]:
-            y = F.interpolate(y, size=self.target[-2:], mode="bilinear", align_corners=False)
-        return y
+        if len(self.source) != 3 or len(self.target) != 3 or x.shape[-2:] == self.target[-2:]:
+            return self.map(x)
+        # the 1x1 convolution (channels) and the resizing (space) are linear maps of different axes,
+        # so they commute: run the convolution at the smaller of the two spatial sizes
+        resize = partial(F.interpolate, size=self.target[-2:], mode="bilinear", align_corners=False)
+        if math.prod(self.target[-2:]) < math.prod(x.shape[-2:]):
+            return self.map(resize(x))
+        return resize(self.map(x))
 
     def extra_repr(self) -> str:
         return f"{list(self.source)} -> {list(self.target)}"

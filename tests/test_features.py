@@ -23,6 +23,24 @@ def test_adapter_maps_to_the_target_shape(source, target):
     assert sum(p.numel() for p in adapter.parameters()) > 0
 
 
+@pytest.mark.parametrize("source, target", [((8, 8, 8), (16, 2, 2)), ((16, 2, 2), (8, 8, 8)), ((8, 4, 4), (4, 8, 6))])
+def test_adapter_is_a_1x1_convolution_then_bilinear_resizing(source, target):
+    # the equation as written (FitNets' regressor, then resizing): the adapter may run the two in
+    # either order (they act on different axes), so values and gradients agree up to rounding
+    adapter = FeatureAdapter(torch.Size(source), torch.Size(target)).double()
+    x = torch.randn(3, *source, dtype=torch.float64, requires_grad=True)
+    expected = nn.functional.interpolate(
+        nn.functional.conv2d(x, adapter.map.weight), size=target[1:], mode="bilinear", align_corners=False
+    )
+    out = adapter(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, adapter.map.weight], g)
+    expected_grads = torch.autograd.grad(expected, [x, adapter.map.weight], g)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_equal_shapes_need_no_adapter_and_bad_pairs_are_all_reported():
     assert build_adapters([torch.Size((4, 2, 2))] * 3) == {}
     with pytest.raises(ValueError) as info:
