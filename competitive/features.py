@@ -4,7 +4,6 @@ README), and where the logits are in a member's output."""
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -150,6 +149,9 @@ class FeatureAdapter(nn.Module):
         self.source, self.target = tuple(source), tuple(target)
         if len(source) == 3 and len(target) == 3:
             self.map = nn.Conv2d(source[0], target[0], kernel_size=1, bias=False)
+            # bilinear resizing (align_corners=False) is separable: one [out, in] matrix per axis
+            self.register_buffer("rows", _linear_resize(source[1], target[1]), persistent=False)
+            self.register_buffer("cols", _linear_resize(source[2], target[2]), persistent=False)
         elif len(source) == 3 and len(target) == 1:
             self.map = nn.Linear(source[0], target[0], bias=False)
         elif len(source) == len(target) and source[:-1] == target[:-1]:
@@ -171,13 +173,24 @@ class FeatureAdapter(nn.Module):
             return self.map(x)
         # the 1x1 convolution (channels) and the resizing (space) are linear maps of different axes,
         # so they commute: run the convolution at the smaller of the two spatial sizes
-        resize = partial(F.interpolate, size=self.target[-2:], mode="bilinear", align_corners=False)
         if math.prod(self.target[-2:]) < math.prod(x.shape[-2:]):
-            return self.map(resize(x))
-        return resize(self.map(x))
+            return self.map(self._resize(x))
+        return self._resize(self.map(x))
+
+    def _resize(self, x: Tensor) -> Tensor:
+        """Bilinear resizing (``F.interpolate``, ``align_corners=False``) as two small matrix products,
+        which compile to matrix multiplications (the compiled interpolation is slower on the CPU)."""
+        return torch.einsum("oh,bchw,pw->bcop", self.rows.to(x.dtype), x, self.cols.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{list(self.source)} -> {list(self.target)}"
+
+
+def _linear_resize(size: int, new_size: int) -> Tensor:
+    """``[new_size, size]``: the weights of 1-D linear interpolation (``align_corners=False``), read
+    off ``F.interpolate`` applied to the unit vectors; float64, cast to the input's dtype when used."""
+    eye = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # [size, 1, size]: one unit vector per row
+    return F.interpolate(eye, size=new_size, mode="linear", align_corners=False).squeeze(1).T
 
 
 def build_adapters(shapes: Sequence[torch.Size], member_of: str = "models") -> dict[str, FeatureAdapter]:

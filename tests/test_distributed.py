@@ -1,7 +1,6 @@
 """Two gloo processes on the CPU: the ranks agree on the teacher and the members stay identical."""
 
 import os
-import socket
 import sys
 
 import pytest
@@ -12,21 +11,23 @@ import torch.multiprocessing as mp
 STEPS = 8
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _exit():
+    # leave without running C++ static destructors: at interpreter exit gloo's threads sometimes end in
+    # std::terminate (SIGABRT, "terminate called without an active exception"), after the results are saved
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def _worker(rank, world, port, out, compile_loss):
+def _worker(rank, world, out, compile_loss):
     sys.path.insert(0, os.path.dirname(__file__))
     from reference import tiny_cnn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from competitive import CompetitiveGroup
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store in the test's own folder: no TCP port to race for
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     torch.set_num_threads(1)
     members = [DDP(tiny_cnn(width=4, seed=i, dtype=torch.float32)) for i in range(2)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in members]
@@ -42,13 +43,12 @@ def _worker(rank, world, port, out, compile_loss):
     params = torch.cat([p.detach().flatten() for m in members for p in m.parameters()])
     torch.save({"teachers": teachers, "local_best": local_best, "params": params}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+    _exit()
 
 
 @pytest.mark.parametrize("compile_loss", [False, True])
 def test_ddp_ranks_agree_on_the_teacher_and_parameters(tmp_path, compile_loss):
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path), compile_loss), nprocs=2, join=True, start_method="spawn"
-    )
+    mp.start_processes(_worker, args=(2, str(tmp_path), compile_loss), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["teachers"] == r1["teachers"]
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
@@ -57,15 +57,15 @@ def test_ddp_ranks_agree_on_the_teacher_and_parameters(tmp_path, compile_loss):
     assert len(set(r0["teachers"])) > 1
 
 
-def _hetero_worker(rank, world, port, out):
+def _hetero_worker(rank, world, out):
     sys.path.insert(0, os.path.dirname(__file__))
     from reference import tiny_cnn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from competitive import CompetitiveGroup
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store in the test's own folder: no TCP port to race for
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     torch.set_num_threads(1)
     members = [DDP(tiny_cnn(width=w, seed=i, dtype=torch.float32)) for i, w in enumerate((4, 6))]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in members]
@@ -88,10 +88,11 @@ def _hetero_worker(rank, world, port, out):
     params = torch.cat([p.detach().flatten() for m in members for p in m.parameters()])
     torch.save({"parts": torch.stack(snapshots), "params": params}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+    _exit()
 
 
 def test_ddp_keeps_adapters_and_heads_identical_on_every_rank_at_every_step(tmp_path):
-    mp.start_processes(_hetero_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_hetero_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     torch.testing.assert_close(r0["parts"], r1["parts"], rtol=0, atol=0)
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
