@@ -71,8 +71,7 @@ class NonfiniteWatch:
     asynchronously, behind an event: :meth:`wait` (called by ``step()`` after the first member's
     backward pass, before any optimizer runs) blocks until that copy has landed, which the GPU
     reaches as soon as the forward pass is done, while the backward kernels already queued keep it
-    busy; warnings for
-    single members are raised when their copy is seen.
+    busy; warnings for single members are raised when their copy is seen.
     """
 
     def __init__(self, skip_nonfinite: bool):
