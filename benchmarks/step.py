@@ -390,7 +390,7 @@ def main():
         "memory from the start for every variant of the process (it is process-wide)",
     )
     args = p.parse_args()
-    wanted = {k: v for k, v in ALLOCATORS[args.allocator].items()}
+    wanted = dict(ALLOCATORS[args.allocator])
     if "LD_PRELOAD" in wanted:
         wanted["LD_PRELOAD"] = _preloadable(wanted["LD_PRELOAD"])
     if any(os.environ.get(k) != v for k, v in wanted.items()):

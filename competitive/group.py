@@ -75,8 +75,8 @@ class CompetitiveGroup:
         keep_cpu_memory (bool): at the first training step on the CPU, ask glibc's malloc to keep
             the memory it frees (:func:`competitive.memory.keep_freed_memory`, process-wide), so
             the members' activations are not page-faulted in again at every step; ``group.cpu_memory``
-            says whether it took effect. No effect on GPUs, or where malloc is not glibc's or the
-            ``MALLOC_*_`` variables are set. Default: True.
+            says whether it took effect. No effect on GPUs, where malloc is not glibc's, with a
+            preloaded allocator, or when ``MALLOC_*_`` / ``GLIBC_TUNABLES`` are set. Default: True.
 
     Note:
         Learnable parts of the terms (adapters ``"i_j"`` from student ``i`` to teacher ``j``,

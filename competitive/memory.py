@@ -12,6 +12,7 @@ the default).
 """
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -25,9 +26,7 @@ SETTINGS = {M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20, M_MMAP_THRESHOLD
 # the environment variables that set the same (a user's own choice is left alone)
 ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
-_state: dict[str, str] = {}
-
-
+@functools.cache
 def keep_freed_memory() -> str:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
 
@@ -42,12 +41,6 @@ def keep_freed_memory() -> str:
         ``MALLOC_*_`` variable or ``GLIBC_TUNABLES`` is set: the user's settings stand) or
         ``"refused"`` (``mallopt`` returned an error).
     """
-    if "answer" not in _state:
-        _state["answer"] = _apply()
-    return _state["answer"]
-
-
-def _apply() -> str:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc"
     preload = os.environ.get("LD_PRELOAD", "")
