@@ -26,6 +26,7 @@ SETTINGS = {M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20, M_MMAP_THRESHOLD
 # the environment variables that set the same (a user's own choice is left alone)
 ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
+
 @functools.cache
 def keep_freed_memory() -> str:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
