@@ -31,6 +31,23 @@ def global_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Te
     return mean
 
 
+def default_seed(group: dist.ProcessGroup | None = None) -> int:
+    """The seed of a group built with ``seed=None``: ``torch.initial_seed()``, rank 0's on every rank.
+
+    Reading the initial seed draws nothing, so torch's global stream is untouched, and a script
+    seeded with ``torch.manual_seed`` repeats bit for bit (an unseeded one differs from run to run, as
+    torch's own seed does). Under an initialized process group, rank 0's seed is broadcast once, so
+    every rank perturbs the same member with the same operation at every step.
+    """
+    seed = torch.initial_seed()
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return seed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    shared = torch.tensor(seed % 2**63, dtype=torch.int64, device=device)  # int64 holds any seed mod 2^63
+    dist.broadcast(shared, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return int(shared.item())
+
+
 def share_parameters(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Keep ``module``'s parameters (the group's own adapters and heads) identical on every rank.
 

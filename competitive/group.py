@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validation as check
-from .distributed import global_mean, share_parameters
+from .distributed import default_seed, global_mean, share_parameters
 from .features import FeatureCapture, HookSpec, extract_logits, resolve_hooks
 from .losses import step_losses
 from .memory import keep_freed_memory
@@ -60,8 +60,10 @@ class CompetitiveGroup:
         perturbation (PerturbationPool, optional): perturb one random member's batch per step.
         perturb_prob (float): probability that a step perturbs at all. Default: 1.
         seed (int, optional): seed of the group's CPU ``torch.Generator`` (perturbation draws).
-            Default: None, a fresh seed from the operating system's entropy (torch's global RNG
-            is not touched); ``group.seed`` tells which.
+            Default: None, ``torch.initial_seed()`` (read, not drawn: torch's global stream is
+            untouched), so ``torch.manual_seed(s)`` at the top of a script makes the whole run
+            repeat; under an initialized process group every rank takes rank 0's seed, broadcast
+            once here. ``group.seed`` tells which.
         compile (bool): run the step math through ``torch.compile(fullgraph=True)``. Default: False.
         skip_nonfinite (bool): skip the optimizer step of a member whose loss is NaN or inf. This
             reads N flags back to the host each step (like ``GradScaler``). Default: False.
@@ -159,7 +161,7 @@ class CompetitiveGroup:
         self.needs = sorted({need for term in self.terms for need in term.needs})
         self.shapes: dict[str, list[tuple[int, ...]]] | None = None
         self.fixed_shapes: set[str] = set()
-        self.seed = seed if seed is not None else torch.Generator().seed()
+        self.seed = seed if seed is not None else default_seed(process_group)
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
         self.process_group = process_group

@@ -97,3 +97,35 @@ def test_ddp_keeps_adapters_and_heads_identical_on_every_rank_at_every_step(tmp_
     torch.testing.assert_close(r0["parts"], r1["parts"], rtol=0, atol=0)
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
     assert not torch.equal(r0["parts"][0], r0["parts"][-1])  # the parts did train
+
+
+def _perturbation_worker(rank, world, out):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from reference import tiny_cnn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from competitive import CompetitiveGroup, PerturbationPool
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    members = [DDP(tiny_cnn(width=4, seed=i, dtype=torch.float32)) for i in range(2)]
+    torch.manual_seed(10 + rank)  # each rank its own local seed; the group takes rank 0's
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in members]
+    group = CompetitiveGroup(members, optimizers, perturbation=PerturbationPool())
+    draws = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        result = group.step((torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)))
+        draws.append((result.perturbed, result.perturbation))
+    torch.save({"draws": draws, "seed": group.seed, "initial": torch.initial_seed()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    _exit()
+
+
+def test_ranks_with_different_local_seeds_perturb_the_same_member_with_the_same_operation(tmp_path):
+    mp.start_processes(_perturbation_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert (r0["initial"], r1["initial"]) == (10, 11)
+    assert r0["seed"] == r1["seed"] == 10  # rank 0's, broadcast at construction
+    assert r0["draws"] == r1["draws"]
+    assert len(set(r0["draws"])) > 1  # the draws vary from step to step
