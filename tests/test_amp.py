@@ -40,19 +40,24 @@ def test_user_autocast_around_loss_and_grad_scaler_with_n_optimizers():
     models, optimizers = _members()
     group = CompetitiveGroup(models, optimizers)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    before = [p.detach().clone() for m in models for p in m.parameters()]
+    params = [p for m in models for p in m.parameters()]
+    before = [p.detach().clone() for p in params]
+    had_gradient = [False] * len(params)
     for step in range(3):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             total, result = group.loss(_batch(step))
         scaler.scale(total).backward()
+        had_gradient = [h or (p.grad is not None and bool(p.grad.any())) for h, p in zip(had_gradient, params)]
         for optimizer in optimizers:
             scaler.step(optimizer)
         scaler.update()
         group.zero_grad()
         assert torch.isfinite(result.loss).all()
-    after = [p.detach() for m in models for p in m.parameters()]
-    assert all(torch.isfinite(p).all() for p in after)
-    assert sum(not torch.equal(p, q) for p, q in zip(after, before)) == len(before)
+    assert all(torch.isfinite(p).all() for p in params)
+    # every parameter that received a nonzero gradient moved (SGD at lr 0.05 moves it by far more than
+    # a rounding step); what had none in exact arithmetic is not asserted either way
+    moved = [not torch.equal(p, q) for p, q in zip(params, before)]
+    assert any(had_gradient) and all(m for m, h in zip(moved, had_gradient) if h)
 
 
 def test_step_with_a_scaler_unscales_before_stepping():

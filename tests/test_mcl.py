@@ -250,10 +250,11 @@ def test_heads_exist_when_the_group_is_built_and_join_their_members_optimizer():
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert all(id(p) in held for p in heads[i].parameters())
         assert not any(id(p) in held for p in heads[1 - i].parameters())
-    before = [p.detach().clone() for p in heads.parameters()]
+    before = [[p.detach().clone() for p in head.parameters()] for head in heads]
     result = group.step(_batches(0))
     assert result.terms["mcl"].shape == (2,) and torch.isfinite(result.terms["mcl"]).all()
-    assert all(not torch.equal(p, q) for p, q in zip(heads.parameters(), before))
+    # every member's head trained (its VCL loss reaches it): some of its parameters moved
+    assert all(any(not torch.equal(p, q) for p, q in zip(h.parameters(), b)) for h, b in zip(heads, before))
 
 
 def test_a_pooling_output_works_as_the_embedding():
