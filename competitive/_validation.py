@@ -2,7 +2,7 @@
 bad value and says what is allowed; per-member lists report every offender at once."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -148,7 +148,8 @@ def check_settings(
             )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise TypeError(f"Invalid seed value {seed!r} provided. Please provide an int >= 0 or None.")
-    for name, value in (("compile", compile), ("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
+    check_compile(compile)
+    for name, value in (("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
         if not isinstance(value, bool):
             raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")
     if autocast_dtype is not None and not (
@@ -163,6 +164,27 @@ def check_settings(
             f"Invalid perturbation ({type(perturbation).__name__}): please provide a PerturbationPool or None."
         )
     return out
+
+
+COMPILE_OPTIONS = ("backend", "mode", "options", "dynamic")
+
+
+def check_compile(compile: Any) -> dict[str, Any] | None:
+    """``compile``: a bool, or a dict of ``torch.compile`` keyword arguments; returns those (None: eager)."""
+    if isinstance(compile, bool):
+        return {} if compile else None
+    if not isinstance(compile, Mapping) or not all(isinstance(k, str) for k in compile):
+        raise TypeError(
+            f"Invalid compile value {compile!r} provided. Please provide True, False or a dict of torch.compile "
+            f"keyword arguments ({', '.join(COMPILE_OPTIONS)})."
+        )
+    unknown = sorted(set(compile) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"Invalid compile keys {unknown} provided. Please provide only {', '.join(COMPILE_OPTIONS)} "
+            "(the step math always compiles with fullgraph=True)."
+        )
+    return dict(compile)
 
 
 def check_logits_from(spec: Any, n: int) -> list[Any]:

@@ -64,7 +64,11 @@ class CompetitiveGroup:
             untouched), so ``torch.manual_seed(s)`` at the top of a script makes the whole run
             repeat; under an initialized process group every rank takes rank 0's seed, broadcast
             once here. ``group.seed`` tells which.
-        compile (bool): run the step math through ``torch.compile(fullgraph=True)``. Default: False.
+        compile (bool or dict): run the step math through ``torch.compile(fullgraph=True)``; a dict
+            passes its keyword arguments (``backend``, ``mode``, ``options``, ``dynamic``) on, e.g.
+            ``{"mode": "max-autotune-no-cudagraphs"}``, or ``{"backend": "aot_eager"}`` (the same
+            graph capture and autograd graph with eager kernels: no C++ build, so a quick check that
+            a new term compiles). Default: False.
         skip_nonfinite (bool): skip the optimizer step of a member whose loss is NaN or inf. This
             reads N flags back to the host each step (like ``GradScaler``). Default: False.
         autocast_dtype (torch.dtype, optional): run forwards under ``torch.autocast`` with this
@@ -115,7 +119,7 @@ class CompetitiveGroup:
         perturbation: PerturbationPool | None = None,
         perturb_prob: float = 1.0,
         seed: int | None = None,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
         skip_nonfinite: bool = False,
         autocast_dtype: torch.dtype | None = None,
         example_input: Tensor | None = None,
@@ -168,7 +172,10 @@ class CompetitiveGroup:
         self.keep_cpu_memory = keep_cpu_memory
         self.cpu_memory: str | None = None  # what keep_freed_memory() answered, at the first CPU step
         self.reduce_score = global_mean(process_group) if granularity == "batch" else None
-        self.loss_fn: Callable = torch.compile(step_losses, fullgraph=True) if compile else step_losses
+        options = check.check_compile(compile)
+        self.loss_fn: Callable = step_losses
+        if options is not None:
+            self.loss_fn = torch.compile(step_losses, fullgraph=True, **options)
         self.counters = GroupStats(n).to(self.device)
         self.watch = NonfiniteWatch(skip_nonfinite)
         self.pool_checked = False

@@ -291,6 +291,7 @@ def test_images_the_default_pool_cannot_handle_are_refused_at_the_first_step():
         ({"autocast_dtype": "bf16"}, TypeError, "autocast_dtype"),
         ({"skip_nonfinite": 1}, TypeError, "skip_nonfinite"),
         ({"compile": "yes"}, TypeError, "compile"),
+        ({"compile": {"fullgraph": False}}, ValueError, r"compile keys \['fullgraph'\].*backend, mode"),
         ({"warmup_steps": -1}, ValueError, "warmup_steps"),
         ({"fixed_teacher": 2}, ValueError, "fixed_teacher"),
         ({"fixed_teacher": 0, "rule": "mutual"}, ValueError, "fixed_teacher"),
@@ -428,16 +429,33 @@ print(group.seed, draws, params.numpy().tobytes().hex())
 """
 
 
-def _run_script(seed):
+def _run_scripts(*seeds):
+    """Each seed's script in its own fresh process, all at once; their outputs."""
     import subprocess
     import sys
 
-    script = _SEEDED_SCRIPT.format(seed=seed)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    return done.stdout
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _SEEDED_SCRIPT.format(seed=s)], stdout=subprocess.PIPE, text=True)
+        for s in seeds
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    return outputs
 
 
 def test_a_script_seeded_with_torch_manual_seed_repeats_bit_for_bit():
-    first, second = _run_script(7), _run_script(7)
+    first, second = _run_scripts(7, 7)
     assert first == second  # draws, seed and every parameter's bits, in two fresh processes
-    assert _run_script(None) != _run_script(None)  # an unseeded script differs from run to run
+
+
+def test_an_unseeded_run_takes_a_fresh_seed():
+    # a fresh process starts torch from a nondeterministic seed, as torch.seed() does here
+    models = _members(2, None, 5)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    seeds = []
+    with torch.random.fork_rng(devices=[]):  # the suite's global stream is restored afterwards
+        for _ in range(2):
+            torch.seed()
+            seeds.append(CompetitiveGroup(models, optimizers, perturbation=PerturbationPool(), seed=None).seed)
+            assert seeds[-1] == torch.initial_seed()
+    assert seeds[0] != seeds[1]
