@@ -7,8 +7,8 @@ Sources, in the order they are tried for ``--data PATH`` (or ``$CIFAR_ROOT``):
 - a torchvision ``CIFAR10`` / ``CIFAR100`` root that holds ``cifar-10-batches-py`` or
   ``cifar-100-python`` (nothing is downloaded).
 
-The decoded tensors are cached under ``--cache`` (default ``~/.cache/competitive``); the source is
-only ever read.
+The decoded tensors are cached under ``--cache`` (default ``$XDG_CACHE_HOME/competitive``, that is
+``~/.cache/competitive`` where ``XDG_CACHE_HOME`` is unset); the source is only ever read.
 """
 
 import hashlib
@@ -84,12 +84,17 @@ def _from_torchvision(root: Path, classes: int) -> dict[str, tuple[Tensor, Tenso
     return out
 
 
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/competitive``, or ``~/.cache/competitive``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "competitive"
+
+
 def load_cifar(
     root: Path | None = None, *, classes: int = 10, cache: Path | None = None
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """``{"train": (images uint8 [N, 3, 32, 32], labels [N]), "test": (...)}``, decoded once and cached."""
     root = Path(root) if root is not None else default_root()
-    cache = Path(cache) if cache is not None else Path.home() / ".cache" / "competitive"
+    cache = Path(cache) if cache is not None else default_cache()
     archive = root if root.suffix == ".gz" else root / "cifar10-jpg.tar.gz"
     key = hashlib.sha1(f"{root.resolve()}|{classes}".encode()).hexdigest()[:12]
     cached = cache / f"cifar{classes}-{key}.pt"
