@@ -43,6 +43,7 @@ SETTINGS = {
     "competitive+F+P": ("best", ("kl", "feature"), 1.0, None),
     "competitive+P50": ("best", ("kl",), 0.5, None),
     "competitive+P25": ("best", ("kl",), 0.25, None),
+    "competitive+P10": ("best", ("kl",), 0.1, None),  # the authors' code perturbs every tenth batch
     "mcl": ("mutual", ("mcl",), 0.0, None),
     "competitive+mcl": ("best", ("mcl",), 0.0, None),
     "mutual+adm": ("mutual", ("kl", "adm"), 0.0, None),
