@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import DeviceLoader, default_root, load_cifar  # noqa: E402
 from models import build  # noqa: E402
 
-from competitive import CompetitiveGroup, PerturbationPool  # noqa: E402
+from competitive import KL, CompetitiveGroup, FeatureL2, PerturbationPool  # noqa: E402
 
 # name -> (rule, knowledge terms, perturb_prob, warmup_steps or None for the library's default);
 # DML and MCL are published without a feature loss.
@@ -173,15 +173,16 @@ def run(setting: str, seed: int, data, args) -> dict:
         models,
         optimizers,
         rule=rule,
-        terms=list(terms),
+        # each term holds its own settings
+        terms=[
+            {"kl": KL(args.alpha, temperature=args.temperature), "feature": FeatureL2(args.beta)}.get(t, t)
+            for t in terms
+        ],
         granularity=args.granularity,
-        **({"temperature": args.temperature, "alpha": args.alpha} if "kl" in terms else {}),
-        **({"beta": args.beta} if "feature" in terms else {}),
         **({} if warmup_steps is None else {"warmup_steps": warmup_steps}),
         feature_hooks=[hook for _, hook in built] if features else None,
         embedding_hooks=["fc"] * len(built) if "mcl" in terms else None,
-        perturbation=PerturbationPool() if perturb_prob > 0 else None,
-        perturb_prob=perturb_prob if perturb_prob > 0 else 1.0,
+        perturbation=PerturbationPool(p=perturb_prob) if perturb_prob > 0 else None,
         seed=seed,
         example_input=data["train"][0][:2].to(device).float() if features or "mcl" in terms else None,
     )

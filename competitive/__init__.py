@@ -1,12 +1,14 @@
 """Competitive Distillation (Shi et al., ICCV 2025) for any PyTorch training loop."""
 
-from .features import FeatureAdapter
+from .functional import LossTerms, competitive_loss, group_loss
 from .group import CompetitiveGroup
-from .losses import LossTerms, StepLosses, competitive_loss, group_loss, step_losses
+from .losses import StepLosses, distillation_weights, step_losses, teacher_index
+from .members import Members
+from .parts import GroupParts, TermList
 from .perturbation import PerturbationPool, default_operations
 from .result import StepResult
-from .selection import distillation_weights, teacher_index
-from .terms import ADM, KL, MCL, FeatureL2, ProjectionHead, StepOutputs, Term, adm_loss, mcl_loss
+from .terms import ADM, KL, MCL, TERMS, FeatureL2, ProjectionHead, StepOutputs, Term, adm_loss, mcl_loss, register_term
+from .terms.adapters import FeatureAdapter
 
 __all__ = [
     "ADM",
@@ -15,21 +17,26 @@ __all__ = [
     "CompetitiveGroup",
     "FeatureAdapter",
     "FeatureL2",
+    "GroupParts",
     "LossTerms",
+    "Members",
     "PerturbationPool",
     "ProjectionHead",
     "StepLosses",
     "StepOutputs",
     "StepResult",
+    "TERMS",
     "Term",
+    "TermList",
     "adm_loss",
     "competitive_loss",
     "default_operations",
     "distillation_weights",
     "group_loss",
     "mcl_loss",
+    "register_term",
     "step_losses",
     "teacher_index",
 ]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

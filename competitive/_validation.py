@@ -1,5 +1,6 @@
-"""Argument checks for :class:`~competitive.CompetitiveGroup`: each names the argument, shows the
-bad value and says what is allowed; per-member lists report every offender at once."""
+"""Argument checks for :class:`~competitive.CompetitiveGroup` at construction: each names the
+argument, shows the bad value and says what is allowed; per-member lists report every offender at
+once. The checks of each step (the batch, the members' outputs) live in :mod:`competitive.members`."""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .selection import check_rule
+from .losses import check_rule
 
 
 def check_members(
@@ -79,7 +80,7 @@ def check_members(
         )
 
 
-def _real(value: Any) -> float | None:
+def real_scalar(value: Any) -> float | None:
     """A Python float from an int, float, numpy scalar or 0-d real tensor; None for anything else."""
     if isinstance(value, bool):
         return None
@@ -96,7 +97,7 @@ def _real(value: Any) -> float | None:
 
 def check_real(name: str, value: Any, *, positive: bool = False, owner: str = "") -> float:
     """``value`` as a finite Python float ``>= 0`` (``> 0`` with ``positive``), or a ValueError naming it."""
-    real = _real(value)
+    real = real_scalar(value)
     if real is None or not math.isfinite(real) or real < 0 or (positive and real == 0):
         where = f" for the {owner!r} term" if owner else ""
         bound = "> 0" if positive else ">= 0"
@@ -105,35 +106,11 @@ def check_real(name: str, value: Any, *, positive: bool = False, owner: str = ""
 
 
 def check_settings(
-    *,
-    rule: str,
-    granularity: str,
-    alpha: Any,
-    beta: Any,
-    temperature: Any,
-    perturb_prob: Any,
-    warmup_steps: Any,
-    fixed_teacher: Any,
-    n: int,
-    seed: Any,
-    compile: Any,
-    skip_nonfinite: Any,
-    keep_cpu_memory: Any,
-    autocast_dtype: Any,
-    perturbation: Any,
-) -> dict[str, float]:
-    """Every scalar setting of the group; returns the real-valued ones as Python floats."""
-    from .perturbation import PerturbationPool
-
+    rule: str, granularity: str, warmup_steps: Any, fixed_teacher: Any, n: int, seed: Any, compile: Any, keep: Any
+) -> dict[str, Any] | None:
+    """The settings the group itself owns; returns the ``torch.compile`` options (None: eager)."""
     check_rule(rule, granularity)
-    out = {"alpha": check_real("alpha", alpha), "beta": check_real("beta", beta)}
-    out["temperature"] = check_real("temperature", temperature, positive=True)
-    real = _real(perturb_prob)
-    if real is None or not 0 <= real <= 1:
-        raise ValueError(
-            f"Invalid perturb_prob value {perturb_prob!r} provided. Please provide a value in [0,1] range."
-        )
-    out["perturb_prob"] = real
+    check_member_settings(None, False, keep_cpu_memory=keep)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"Invalid warmup_steps value {warmup_steps!r} provided. Please provide an int >= 0.")
     if fixed_teacher is not None:
@@ -148,7 +125,10 @@ def check_settings(
             )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise TypeError(f"Invalid seed value {seed!r} provided. Please provide an int >= 0 or None.")
-    check_compile(compile)
+    return check_compile(compile)
+
+
+def check_member_settings(autocast_dtype: Any, skip_nonfinite: Any, *, keep_cpu_memory: Any = True) -> None:
     for name, value in (("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
         if not isinstance(value, bool):
             raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")
@@ -159,11 +139,6 @@ def check_settings(
             f"Invalid autocast_dtype value {autocast_dtype!r} provided. Please provide a floating torch.dtype "
             "(torch.bfloat16, torch.float16) or None."
         )
-    if perturbation is not None and not isinstance(perturbation, PerturbationPool):
-        raise TypeError(
-            f"Invalid perturbation ({type(perturbation).__name__}): please provide a PerturbationPool or None."
-        )
-    return out
 
 
 COMPILE_OPTIONS = ("backend", "mode", "options", "dynamic")
@@ -203,152 +178,6 @@ def check_logits_from(spec: Any, n: int) -> list[Any]:
             "a callable output -> logits, or None."
         )
     return specs
-
-
-def resolve_terms(
-    terms: Any, feature_hooks: Any, embedding_hooks: Any, *, alpha: Any, beta: Any, temperature: Any
-) -> list[Any]:
-    """The group's knowledge terms from ``terms`` (names or Term instances), checked against the hooks."""
-    from .terms import KL, TERMS, FeatureL2, Term
-
-    explicit = terms is not None
-    if terms is None:
-        terms = ["kl"] + (["feature"] if feature_hooks is not None else [])
-    if isinstance(terms, (str, Term)) or not isinstance(terms, (list, tuple)):
-        raise TypeError(f"Invalid terms ({terms!r}): please provide a list of term names or Term instances.")
-    built, errors = [], []
-    for i, term in enumerate(terms):
-        if isinstance(term, Term):
-            built.append(term)
-        elif term == "kl":
-            built.append(KL(alpha, temperature=temperature))
-        elif term == "feature":
-            built.append(FeatureL2(beta))
-        elif isinstance(term, str) and term in TERMS:
-            built.append(TERMS[term]())
-        else:
-            errors.append(f"terms[{i}]={term!r}")
-    if errors:
-        raise ValueError(f"Invalid {', '.join(errors)}: known terms are {sorted(TERMS)}, or pass a Term instance.")
-    names = [t.name for t in built]
-    duplicated = sorted({name for name in names if names.count(name) > 1})
-    if duplicated or "" in names:
-        raise ValueError(f"Invalid terms: every term needs a unique, non-empty name; got {names}.")
-    for name, value, default, owner in (
-        ("alpha", alpha, 1.0, "kl"),
-        ("temperature", temperature, 1.0, "kl"),
-        ("beta", beta, 1.0, "feature"),
-    ):
-        # with the default terms, beta without feature_hooks stays harmless, as in earlier releases
-        if explicit and owner not in terms and _real(value) != default:
-            raise ValueError(
-                f"{name}={value!r} sets the {owner!r} term, which terms={names} does not name. Add {owner!r} to "
-                "terms, or set the weight on your Term instance."
-            )
-    needs = {need for term in built for need in term.needs}
-    for need, hooks in (("features", feature_hooks), ("embeddings", embedding_hooks)):
-        argument = "feature_hooks" if need == "features" else "embedding_hooks"
-        users = [t.name for t in built if need in t.needs]
-        if need in needs and hooks is None:
-            raise ValueError(f"The terms {users} read {need}: please provide {argument}, one per model.")
-        if need not in needs and hooks is not None:
-            readers = [n for n, t in TERMS.items() if need in t.needs]
-            raise ValueError(
-                f"{argument} is given, but no term reads {need} (terms={names}). Add one of {readers} to terms, "
-                f"or pass {argument}=None."
-            )
-    return built
-
-
-def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
-        shown = (
-            type(batch).__name__
-            if not isinstance(batch, (tuple, list))
-            else f"{type(batch).__name__} of {[type(t).__name__ for t in batch]}"
-        )
-        raise TypeError(f"Invalid batch ({shown}): please provide a pair of tensors (inputs, targets).")
-    x, y = batch
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(
-            f"Invalid batch: inputs of shape {list(x.shape)} hold no samples; the batch must not be empty."
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"Invalid batch: inputs have dtype {x.dtype}; members expect floating point inputs "
-            "(for uint8 images, convert with x.float() / 255 and normalize)."
-        )
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(
-            f"Invalid batch: targets have dtype {y.dtype}; please provide class indices as an integer "
-            "tensor of shape [B] (soft labels come from the perturbation pool, not from the batch)."
-        )
-    if y.dtype == torch.uint64:
-        raise TypeError("Invalid batch: targets have dtype torch.uint64; please provide int64 class indices.")
-    if y.shape != (x.shape[0],):
-        raise ValueError(
-            f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}]."
-        )
-    if x.device not in devices:
-        raise RuntimeError(
-            f"Invalid batch: inputs are on {x.device} but the members are on {sorted(map(str, set(devices)))}. "
-            "Move the batch to the members' device first, e.g. x.to(device)."
-        )
-    return x, y.long()  # int32 / int16 / uint8 class indices work like int64
-
-
-def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int]) -> int:
-    """Every member returned ``[B, C]`` logits with the same ``C >= 2``; returns ``C``."""
-    shapes = [tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__ for z in logits]
-    bad = [
-        f"models[{i}] returned {s}"
-        for i, s in zip(members, shapes)
-        if not isinstance(s, tuple) or len(s) != 2 or s[0] != batch_size
-    ]
-    if bad:
-        raise ValueError(
-            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] "
-            "(use logits_from to say where the logits are in a tuple, dict or output object)."
-        )
-    classes = [s[1] for s in shapes]
-    if len(set(classes)) > 1:
-        raise ValueError(
-            f"Members disagree on the number of classes: {classes} (models[i] -> C). "
-            "All must predict the same C classes."
-        )
-    if classes[0] < 2:
-        raise ValueError(
-            f"Invalid model outputs: logits of shape [{batch_size}, {classes[0]}]; a softmax over one class is "
-            "always 1, so nothing would be learned. Members must predict C >= 2 classes."
-        )
-    return classes[0]
-
-
-def check_targets(y: Tensor, num_classes: int) -> None:
-    in_range = ((y >= 0) & (y < num_classes)).all()
-    if y.device.type == "cpu":
-        if not in_range:
-            raise ValueError(
-                f"Invalid targets: class indices must lie in [0, {num_classes}); got values in "
-                f"[{int(y.min())}, {int(y.max())}]."
-            )
-    else:
-        # a device-side assert: checked without waiting for the GPU
-        torch._assert_async(in_range, f"targets must lie in [0, {num_classes})")
-
-
-def check_shapes(captured: dict[str, list[Tensor]], shapes: dict[str, list[tuple[int, ...]]], fixed: set[str]) -> None:
-    """The hooked outputs in ``fixed`` have the shapes the terms' parts were built for."""
-    for need, values in captured.items():
-        if need not in fixed:
-            continue
-        now = [tuple(v.shape[1:]) for v in values]
-        changed = [f"models[{i}]: {list(a)} -> {list(b)}" for i, (a, b) in enumerate(zip(shapes[need], now)) if a != b]
-        if changed:
-            raise ValueError(
-                f"The {need} changed shape since the group built its adapters / heads for them ({'; '.join(changed)}; "
-                "shapes without the batch dim). Keep the input resolution fixed, or build a new group for it."
-            )
 
 
 def check_no_scheduler_yet(optimizers: Sequence[Any], terms: Any, shapes: Any) -> None:

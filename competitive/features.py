@@ -1,13 +1,12 @@
-"""What the terms read besides the logits: forward hooks that capture feature maps and embeddings,
-adapters that bridge members whose feature maps differ in shape (the paper does not say how; see
-README), and where the logits are in a member's output."""
+"""What the members give each step, and its checks: where the logits are in a member's output,
+forward hooks that capture feature maps and embeddings (which must keep the shapes the terms' parts
+were built for), the batch, the logits and the targets. The adapters that bridge feature maps of
+different shapes are the terms' (:mod:`competitive.terms.adapters`)."""
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 HookSpec = str | nn.Module | None
@@ -104,6 +103,20 @@ class FeatureCapture:
         self.handles = []
 
 
+def check_shapes(captured: dict[str, list[Tensor]], shapes: dict[str, list[tuple[int, ...]]], fixed: set[str]) -> None:
+    """The hooked outputs in ``fixed`` have the shapes the terms' parts were built for."""
+    for need, values in captured.items():
+        if need not in fixed:
+            continue
+        now = [tuple(v.shape[1:]) for v in values]
+        changed = [f"models[{i}]: {list(a)} -> {list(b)}" for i, (a, b) in enumerate(zip(shapes[need], now)) if a != b]
+        if changed:
+            raise ValueError(
+                f"The {need} changed shape since the group built its adapters / heads for them ({'; '.join(changed)}; "
+                "shapes without the batch dim). Keep the input resolution fixed, or build a new group for it."
+            )
+
+
 LogitsSpec = str | int | Callable[[Any], Tensor] | None
 
 
@@ -130,79 +143,82 @@ def extract_logits(output: Any, spec: LogitsSpec, *, member: int) -> Tensor:
     )
 
 
-class FeatureAdapter(nn.Module):
-    """Maps a student's feature map to a teacher's shape (FitNets' regressor).
+def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
+        shown = (
+            type(batch).__name__
+            if not isinstance(batch, (tuple, list))
+            else f"{type(batch).__name__} of {[type(t).__name__ for t in batch]}"
+        )
+        raise TypeError(f"Invalid batch ({shown}): please provide a pair of tensors (inputs, targets).")
+    x, y = batch
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"Invalid batch: inputs of shape {list(x.shape)} hold no samples; the batch must not be empty."
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"Invalid batch: inputs have dtype {x.dtype}; members expect floating point inputs "
+            "(for uint8 images, convert with x.float() / 255 and normalize)."
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(
+            f"Invalid batch: targets have dtype {y.dtype}; please provide class indices as an integer "
+            "tensor of shape [B] (soft labels come from the perturbation pool, not from the batch)."
+        )
+    if y.dtype == torch.uint64:
+        raise TypeError("Invalid batch: targets have dtype torch.uint64; please provide int64 class indices.")
+    if y.shape != (x.shape[0],):
+        raise ValueError(
+            f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}]."
+        )
+    if x.device not in devices:
+        raise RuntimeError(
+            f"Invalid batch: inputs are on {x.device} but the members are on {sorted(map(str, set(devices)))}. "
+            "Move the batch to the members' device first, e.g. x.to(device)."
+        )
+    return x, y.long()  # int32 / int16 / uint8 class indices work like int64
 
-    ``[B, C, H, W] -> [B, C', H', W']``: a 1x1 convolution, then bilinear resizing when the spatial
-    size differs. ``[B, C, H, W] -> [B, D]``: global average pooling and a linear map.
-    ``[B, ..., D] -> [B, ..., D']`` (equal leading dims): a linear map of the last dim.
-    ``[B, D] -> [B, *S]``: a linear map to ``prod(S)`` values, reshaped to ``S``.
 
-    Example:
-        >>> adapter = FeatureAdapter(torch.Size([32, 16, 16]), torch.Size([64, 8, 8]))
-        >>> adapter(torch.randn(2, 32, 16, 16)).shape
-        torch.Size([2, 64, 8, 8])
-    """
+def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int]) -> int:
+    """Every member returned ``[B, C]`` logits with the same ``C >= 2``; returns ``C``."""
+    shapes = [tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__ for z in logits]
+    bad = [
+        f"models[{i}] returned {s}"
+        for i, s in zip(members, shapes)
+        if not isinstance(s, tuple) or len(s) != 2 or s[0] != batch_size
+    ]
+    if bad:
+        raise ValueError(
+            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] "
+            "(use logits_from to say where the logits are in a tuple, dict or output object)."
+        )
+    classes = [s[1] for s in shapes]
+    if len(set(classes)) > 1:
+        raise ValueError(
+            f"Members disagree on the number of classes: {classes} (models[i] -> C). "
+            "All must predict the same C classes."
+        )
+    if classes[0] < 2:
+        raise ValueError(
+            f"Invalid model outputs: logits of shape [{batch_size}, {classes[0]}]; a softmax over one class is "
+            "always 1, so nothing would be learned. Members must predict C >= 2 classes."
+        )
+    return classes[0]
 
-    def __init__(self, source: torch.Size, target: torch.Size):
-        super().__init__()
-        self.source, self.target = tuple(source), tuple(target)
-        if len(source) == 3 and len(target) == 3:
-            self.map = nn.Conv2d(source[0], target[0], kernel_size=1, bias=False)
-            # bilinear resizing (align_corners=False) is separable: one [out, in] matrix per axis
-            self.register_buffer("rows", _linear_resize(source[1], target[1]), persistent=False)
-            self.register_buffer("cols", _linear_resize(source[2], target[2]), persistent=False)
-        elif len(source) == 3 and len(target) == 1:
-            self.map = nn.Linear(source[0], target[0], bias=False)
-        elif len(source) == len(target) and source[:-1] == target[:-1]:
-            self.map = nn.Linear(source[-1], target[-1], bias=False)
-        elif len(source) == 1:
-            self.map = nn.Sequential(nn.Linear(source[0], math.prod(target), bias=False), nn.Unflatten(1, target))
-        else:
+
+def check_targets(y: Tensor, num_classes: int) -> None:
+    in_range = ((y >= 0) & (y < num_classes)).all()
+    if y.device.type == "cpu":
+        if not in_range:
             raise ValueError(
-                f"No adapter maps a feature of shape {list(source)} to one of shape {list(target)} "
-                "(shapes without the batch dim). Supported: [C, H, W] -> [C', H', W'], "
-                "[C, H, W] -> [D], [D] -> any shape, and [..., D] -> [..., D'] with equal leading dims. Hook layers "
-                "whose outputs agree in rank, or pass feature_hooks=None."
+                f"Invalid targets: class indices must lie in [0, {num_classes}); got values in "
+                f"[{int(y.min())}, {int(y.max())}]."
             )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if len(self.source) == 3 and len(self.target) == 1:
-            return self.map(x.mean(dim=(2, 3)))
-        if len(self.source) != 3 or len(self.target) != 3 or x.shape[-2:] == self.target[-2:]:
-            return self.map(x)
-        # the 1x1 convolution (channels) and the resizing (space) are linear maps of different axes,
-        # so they commute: run the convolution at the smaller of the two spatial sizes
-        if math.prod(self.target[-2:]) < math.prod(x.shape[-2:]):
-            return self.map(self._resize(x))
-        return self._resize(self.map(x))
-
-    def _resize(self, x: Tensor) -> Tensor:
-        """Bilinear resizing (``F.interpolate``, ``align_corners=False``) as two small matrix products,
-        which compile to matrix multiplications (the compiled interpolation is slower on the CPU)."""
-        return torch.einsum("oh,bchw,pw->bcop", self.rows.to(x.dtype), x, self.cols.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"{list(self.source)} -> {list(self.target)}"
+    else:
+        # a device-side assert: checked without waiting for the GPU
+        torch._assert_async(in_range, f"targets must lie in [0, {num_classes})")
 
 
-def _linear_resize(size: int, new_size: int) -> Tensor:
-    """``[new_size, size]``: the weights of 1-D linear interpolation (``align_corners=False``), read
-    off ``F.interpolate`` applied to the unit vectors; float64, cast to the input's dtype when used."""
-    eye = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # [size, 1, size]: one unit vector per row
-    return F.interpolate(eye, size=new_size, mode="linear", align_corners=False).squeeze(1).T
-
-
-def build_adapters(shapes: Sequence[torch.Size], member_of: str = "models") -> dict[str, FeatureAdapter]:
-    """One adapter per ordered pair of members whose feature shapes differ, keyed ``"i_j"``."""
-    adapters, errors = {}, []
-    for i, source in enumerate(shapes):
-        for j, target in enumerate(shapes):
-            if i != j and source != target:
-                try:
-                    adapters[f"{i}_{j}"] = FeatureAdapter(source, target)
-                except ValueError as error:
-                    errors.append(f"{member_of}[{i}] -> {member_of}[{j}]: {error}")
-    if errors:
-        raise ValueError("Feature maps cannot be matched: " + " | ".join(errors))
-    return adapters
+# the adapters moved to the terms that own them; importable from here as before
+from .terms.adapters import FeatureAdapter, build_adapters  # noqa: E402, F401

@@ -1,10 +1,13 @@
-"""The per-step math of each iteration (paper §3.3, Eq. 7-11), as pure functions.
+"""The per-step math of each iteration (paper §3.1, §3.3, Eq. 4, 7-11), as pure functions.
 
 :func:`step_losses` is what :class:`~competitive.CompetitiveGroup` runs every step (eagerly, or
-compiled with ``torch.compile(fullgraph=True)``): cross-entropy, the competition, ``W``, then every
-knowledge term of :mod:`competitive.terms`. :func:`group_loss` and :func:`competitive_loss` are
-the same math for the paper's two terms (KL and feature L2) with the weights applied. No function
-here reads a tensor back to the host.
+compiled with ``torch.compile(fullgraph=True)``): cross-entropy, the competition (who may teach,
+the teacher, the rule's matrix ``W``), then every knowledge term. Every rule turns per-member
+scores into ``W`` with ``W[..., i, j]`` = how much member ``i`` learns from member ``j``: rows of
+students sum to 1 and the teacher's row is 0, so one loss function serves every rule. This module
+also holds what every term reads (:class:`StepOutputs`) and the helpers that weight by ``W``.
+Nothing here reads a tensor back to the host or branches on a tensor value in Python, so it runs
+under ``torch.compile`` with ``fullgraph=True`` and never syncs a GPU with the host.
 """
 
 from collections.abc import Callable, Sequence
@@ -13,19 +16,143 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .selection import check_rule, teacher_index, weights_for_teacher
-from .terms.base import StepOutputs, Term, upcast
-from .terms.feature import feature_term
-from .terms.kl import kl_term
+RULES = ("best", "better", "mutual", "independent")
+GRANULARITIES = ("batch", "sample")
 
 
-class LossTerms(NamedTuple):
-    """Per-member loss terms, each of shape ``[N]``: ``loss = ce + alpha * kl + beta * feature``."""
+def check_rule(rule: str, granularity: str = "batch") -> None:
+    """Refuse an unknown ``rule`` or ``granularity`` by name (the pure functions never guess)."""
+    if rule not in RULES:
+        raise ValueError(f"Invalid rule {rule!r}. Please provide one of {RULES}.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"Invalid granularity {granularity!r}. Please provide one of {GRANULARITIES}.")
 
-    ce: Tensor
-    kl: Tensor
-    feature: Tensor
-    loss: Tensor
+
+def _ranking_key(ce: Tensor) -> Tensor:
+    # a NaN or inf cross-entropy ranks last, so it can never teach
+    return torch.where(torch.isfinite(ce), ce, torch.full_like(ce, torch.inf))
+
+
+def teacher_index(ce: Tensor) -> Tensor:
+    """Index of the member with the lowest finite cross-entropy (paper Eq. 4).
+
+    Args:
+        ce (Tensor): cross-entropies of shape ``[..., N]``: ``[N]`` for one teacher per batch,
+            ``[B, N]`` for one teacher per sample.
+
+    Returns:
+        LongTensor of shape ``ce.shape[:-1]``. Ties go to the lowest index. Where every entry is
+        NaN or inf there is no teacher and the index is ``-1`` (this pure function cannot raise
+        without reading the values back; :class:`~competitive.CompetitiveGroup` raises a
+        ``RuntimeError`` when no member's loss is finite).
+
+    Example:
+        >>> teacher_index(torch.tensor([0.9, 0.4, torch.nan, 0.4]))
+        tensor(1)
+    """
+    key = _ranking_key(ce)
+    # argmin returns the first of several minima: ties go to the lowest index
+    index = key.argmin(dim=-1)
+    return torch.where(torch.isfinite(ce).any(dim=-1), index, torch.full_like(index, -1))
+
+
+def distillation_weights(ce: Tensor, *, rule: str = "best") -> Tensor:
+    """The weight matrix ``W`` of a selection rule.
+
+    Args:
+        ce (Tensor): cross-entropies of shape ``[..., N]`` (see :func:`teacher_index`).
+        rule (str): one of
+
+            - ``"best"`` (default, paper Eq. 4): the member with the lowest CE teaches all others.
+            - ``"better"`` (the authors' public code): each member learns from every member with
+              a lower CE, averaged.
+            - ``"mutual"`` (deep mutual learning): each member learns from every other member,
+              averaged.
+            - ``"independent"``: nobody learns from anybody (``W = 0``).
+
+    Returns:
+        Float tensor of shape ``[..., N, N]``. Members with a NaN or inf CE never teach (their
+        column is 0); ties in CE go to the lowest index.
+
+    Example:
+        >>> distillation_weights(torch.tensor([0.9, 0.4, 0.7]), rule="best")
+        tensor([[0., 1., 0.],
+                [0., 0., 0.],
+                [0., 1., 0.]])
+    """
+    check_rule(rule)
+    return weights_for_teacher(ce, rule=rule, teacher=teacher_index(ce) if rule == "best" else None)
+
+
+def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Tensor:
+    """:func:`distillation_weights` for a ``teacher`` already computed by :func:`teacher_index`."""
+    n = ce.shape[-1]
+    finite = torch.isfinite(ce)
+    index = torch.arange(n, device=ce.device)
+    if rule == "best":
+        is_teacher = index == teacher.unsqueeze(-1)  # [..., N]; all False without one
+        beats = is_teacher.unsqueeze(-2) & ~is_teacher.unsqueeze(-1)
+    elif rule == "better":
+        key = _ranking_key(ce)
+        lower = key.unsqueeze(-2) < key.unsqueeze(-1)  # [..., i, j]: j's CE is below i's
+        tie = (key.unsqueeze(-2) == key.unsqueeze(-1)) & (index < index.unsqueeze(-1))
+        beats = (lower | tie) & finite.unsqueeze(-2)
+    elif rule == "mutual":
+        beats = (index != index.unsqueeze(-1)) & finite.unsqueeze(-2)
+    else:
+        beats = torch.zeros(ce.shape + (n,), dtype=torch.bool, device=ce.device)
+    weights = beats.to(ce.dtype)
+    # average over the peers a member learns from; a row with no peer stays 0
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+# -- what every term reads, and the helpers that weight by W ------------------------------
+
+
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in at least float32, also when the members run in bf16 / fp16 under autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def per_sample(weights: Tensor, batch: int) -> Tensor:
+    """``W`` as ``[B, N, N]``: ``[N, N]`` (one teacher per batch) is broadcast over the batch."""
+    return weights.expand(batch, -1, -1) if weights.dim() == 2 else weights
+
+
+def weighted(weights: Tensor, pair: Tensor) -> Tensor:
+    """``sum_j W[b, i, j] * pair[i, j, b]``, averaged over ``b``: ``[N]``.
+
+    ``pair`` is ``[N, N, B]`` (member ``i`` towards member ``j``, per sample). A pair with weight
+    0 contributes exactly 0 even where its value is NaN or inf, so a member that cannot teach
+    never poisons another.
+    """
+    w = per_sample(weights, pair.shape[-1]).permute(1, 2, 0).to(pair.dtype)  # [N, N, B]
+    return torch.where(w > 0, w * pair, 0.0).sum(dim=1).mean(dim=-1)
+
+
+class StepOutputs(NamedTuple):
+    """What the members produced this step, as every term sees it.
+
+    Attributes:
+        logits (list of Tensor): ``N`` tensors ``[B, C]``, as the members returned them.
+        log_probs (Tensor): ``[N, B, C]`` log-softmax of the logits (at least float32).
+        labels (Tensor): ``[N, B]`` the class each member was trained towards per sample (the
+            argmax of a mixed label).
+        teaches (BoolTensor): ``[N, B]`` where member ``j``'s outputs on sample ``b`` are all finite,
+            so it may act as a target; terms mask every other value out of the targets.
+        features (list of Tensor or None): the hooked feature maps, ``[B, ...]`` per member.
+        embeddings (list of Tensor or None): the hooked embeddings, ``[B, D_i]`` per member.
+    """
+
+    logits: Sequence[Tensor]
+    log_probs: Tensor
+    labels: Tensor
+    teaches: Tensor
+    features: Sequence[Tensor] | None = None
+    embeddings: Sequence[Tensor] | None = None
+
+
+# -- the step --------------------------------------------------------------------------------
 
 
 class StepLosses(NamedTuple):
@@ -75,7 +202,7 @@ def step_losses(
     logits: Sequence[Tensor],
     targets: Tensor,
     *,
-    terms: Sequence[Term] = (),
+    terms: Sequence[nn.Module] = (),
     features: Sequence[Tensor] | None = None,
     embeddings: Sequence[Tensor] | None = None,
     rule: str = "best",
@@ -100,15 +227,16 @@ def step_losses(
             (an all-reduce, so every process picks the same teacher). Only with ``"batch"``.
         fixed_teacher (int, optional): this member teaches wherever it may (``rule="best"``).
     """
-    outputs, ce, teacher, weights = _compete(
+    outputs, ce, teacher, weights = compete(
         logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher
     )
     values = {term.name: term(outputs, weights) for term in terms}
     return StepLosses(ce, values, teacher, weights)
 
 
-def _compete(logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher=None):
-    """CE, which member may teach which sample, the teacher and ``W`` (Eq. 4, 7)."""
+def compete(logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher=None):
+    """CE, which member may teach which sample, the teacher and ``W`` (Eq. 4, 7): what the terms read,
+    the mean CE ``[N]``, the teacher and ``W``."""
     check_rule(rule, granularity)
     log_probs = torch.stack([upcast(z) for z in logits]).log_softmax(dim=-1)
     ce_per_sample = cross_entropy(log_probs, targets)
@@ -133,100 +261,3 @@ def _compete(logits, targets, features, embeddings, rule, granularity, reduce_sc
     labels = targets.argmax(dim=-1) if targets.dim() == 3 else targets.expand(len(logits), -1)
     outputs = StepOutputs(logits, log_probs, labels, teaches, features, embeddings)
     return outputs, ce_per_sample.mean(dim=1), teacher, weights
-
-
-def _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce) -> LossTerms:
-    kl = kl_term(log_probs, teaches, weights, temperature=temperature, logits=logits)
-    if features is None:
-        feature = torch.zeros_like(kl)
-    else:
-        feature = feature_term(features, teaches, weights, adapters if adapters else None)
-    return LossTerms(ce, kl, feature, ce + alpha * kl + beta * feature)
-
-
-def competitive_loss(
-    logits: Sequence[Tensor],
-    targets: Tensor,
-    weights: Tensor,
-    *,
-    features: Sequence[Tensor] | None = None,
-    adapters: nn.ModuleDict | None = None,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    temperature: float = 1.0,
-) -> LossTerms:
-    """Each member's loss ``L_i = L_C,i + alpha * L_D,i + beta * L_F,i`` for a given ``W`` (Eq. 8-11).
-
-    - ``L_C,i``: the batch mean of the cross-entropy (Eq. 7).
-    - ``L_D,i = tau^2 * sum_j W_ij KL(p_j || p_i)`` with ``p = softmax(z / tau)``, summed over
-      classes and averaged over the batch (``batchmean``). ``p_j`` is a target: no gradient
-      reaches the teacher through it (Eq. 9).
-    - ``L_F,i = sum_j W_ij || A_ij(F_i) - F_j ||^2`` as a mean over elements (Eq. 10), where
-      ``A_ij`` is the adapter from member ``i``'s feature shape to member ``j``'s (identity when
-      the shapes agree).
-
-    Args:
-        logits (sequence of Tensor): ``N`` tensors of shape ``[B, C]``.
-        targets (Tensor): class indices ``[B]``, or per-member label distributions ``[N, B, C]``.
-        weights (Tensor): ``W`` of shape ``[N, N]`` (one teacher per batch) or ``[B, N, N]``
-            (one per sample).
-        features (sequence of Tensor, optional): ``N`` feature maps with a leading batch dim.
-        adapters (nn.ModuleDict, optional): ``"i_j"`` -> module mapping ``F_i`` to ``F_j``'s shape.
-        alpha (float): weight of ``L_D``. Default: 1.
-        beta (float): weight of ``L_F``. Default: 1.
-        temperature (float): softmax temperature of ``L_D``. Default: 1.
-
-    Returns:
-        :class:`LossTerms` of per-member tensors of shape ``[N]``.
-
-    Example:
-        >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
-        >>> w = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # member 0 teaches member 1
-        >>> competitive_loss(z, torch.tensor([0]), w).kl
-        tensor([0.0000, 1.5232])
-    """
-    log_probs = torch.stack([upcast(z) for z in logits]).log_softmax(dim=-1)
-    ce_per_sample = cross_entropy(log_probs, targets)
-    teaches = torch.isfinite(ce_per_sample)
-    ce = ce_per_sample.mean(dim=1)
-    return _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce)
-
-
-def group_loss(
-    logits: Sequence[Tensor],
-    targets: Tensor,
-    features: Sequence[Tensor] | None = None,
-    *,
-    rule: str = "best",
-    granularity: str = "batch",
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    temperature: float = 1.0,
-    adapters: nn.ModuleDict | None = None,
-    reduce_ce: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[LossTerms, Tensor, Tensor]:
-    """Cross-entropy, selection and the paper's loss in one pure function.
-
-    Args:
-        logits, targets, features, adapters, alpha, beta, temperature: as in
-            :func:`competitive_loss`.
-        rule (str): selection rule, see :func:`~competitive.distillation_weights`.
-        granularity (str): ``"batch"`` (one teacher per batch, the paper) or ``"sample"``.
-        reduce_ce (callable, optional): applied to the batch scores ``[N]`` before selection, e.g.
-            an all-reduce so every process picks the same teacher. Only with ``"batch"``.
-
-    Returns:
-        ``(terms, teacher, weights)``: the :class:`LossTerms`, the teacher index (a scalar, or
-        ``[B]`` per sample; ``-1`` where no CE is finite) and ``W``.
-
-    Example:
-        >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
-        >>> terms, teacher, w = group_loss(z, torch.tensor([0]))
-        >>> int(teacher), terms.kl  # member 0 has the lower CE and teaches member 1
-        (0, tensor([0.0000, 1.5232]))
-    """
-    out, ce, teacher, weights = _compete(logits, targets, features, None, rule, granularity, reduce_ce)
-    terms = _weighted_terms(
-        out.log_probs, out.teaches, logits, weights, features, adapters, alpha, beta, temperature, ce
-    )
-    return terms, teacher, weights

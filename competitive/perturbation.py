@@ -1,19 +1,37 @@
 """Stochastic perturbation (paper §3.2, Eq. 6): an aggressive operation applied to one member's
 batch per step, so a perturbation that helps its member win is distilled into the others.
 
-Randomness is kept apart from application, as in kornia's ``forward_parameters``: the group draws
-*which* member, *which* operation and a seed from its own ``torch.Generator``; ``apply`` then runs
-deterministically from that seed on the batch's device.
+Randomness is kept apart from application, as in kornia's ``forward_parameters``: the pool draws
+*whether* a step perturbs (its ``p``), *which* member, *which* operation and a seed from the group's
+``torch.Generator``; ``perturb`` then runs deterministically from that seed on the batch's device.
 """
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import kornia.augmentation as K
 import torch
 from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
 from torch import Tensor, nn
 
+from ._validation import real_scalar
+
 Operation = nn.Module | Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+# the authors' public code perturbs every tenth batch (train_competitive_distillation.py:
+# ``if i_batch % 10 == 0``); see README for 0.1 and 0.25 against no perturbation
+DEFAULT_P = 0.1
+
+
+class Draw(NamedTuple):
+    """One step's draw: ``member`` sees operation ``index`` (``name``) run from ``seed``; ``member`` is
+    None when the step perturbs nobody, and ``skipped`` says why a drawn operation was not applied."""
+
+    member: int | None
+    index: int
+    seed: int
+    name: str
+    skipped: str | None = None
 
 
 class InUnitRange(nn.Module):
@@ -93,6 +111,8 @@ class PerturbationPool(nn.Module):
             area scale (0.3, 0.7)).
         weights (sequence of float, optional): relative probability of each operation.
             Default: uniform.
+        p (float, optional): probability that a step perturbs at all. Default: 0.1, as the authors' public
+            code (every tenth batch); see README for 0.1 and 0.25 against no perturbation.
 
     Note:
         Inputs may be in any normalization: noise operations work in each image's own range
@@ -111,8 +131,15 @@ class PerturbationPool(nn.Module):
         self,
         operations: Sequence[Operation] | dict[str, Operation] | None = None,
         weights: Sequence[float] | None = None,
+        *,
+        p: float | None = None,
     ):
         super().__init__()
+        real = DEFAULT_P if p is None else real_scalar(p)
+        if real is None or not 0 <= real <= 1:
+            raise ValueError(f"Invalid p value {p!r} provided. Please provide a probability in [0, 1].")
+        self.p, self.p_given = real, p is not None
+        self.checked = False  # every operation tried once on the first batch (see check)
         if operations is None:
             operations = default_operations()
         if not isinstance(operations, dict):
@@ -142,11 +169,18 @@ class PerturbationPool(nn.Module):
         # a plain CPU tensor, not a buffer: .to(device) must not move the draws onto the GPU
         self.weights = torch.tensor(weights, dtype=torch.float64)
 
-    def draw(self, generator: torch.Generator) -> tuple[int, int]:
-        """Draw an operation index and a seed from a CPU ``generator``."""
-        index = torch.multinomial(self.weights, 1, generator=generator).item()
-        seed = torch.randint(2**62, (), generator=generator).item()
-        return index, seed
+    def draw(self, generator: torch.Generator, members: int, x: Tensor) -> Draw:
+        """This step's :class:`Draw` from a CPU ``generator``: with probability ``p`` one of ``members``
+        (uniformly) sees an operation (by ``weights``) with its own seed. The same four numbers are
+        drawn whatever the outcome, so a run's later draws do not depend on ``p``'s earlier ones."""
+        perturb = torch.rand((), generator=generator).item() < self.p
+        member = int(torch.randint(members, (), generator=generator))
+        index = int(torch.multinomial(self.weights, 1, generator=generator).item())
+        seed = int(torch.randint(2**62, (), generator=generator).item())
+        skipped = None
+        if perturb and not self.can_apply(index, x):
+            skipped, perturb = f"{self.names[index]!r} needs a batch of at least 2; got {x.shape[0]}", False
+        return Draw(member if perturb else None, index, seed, self.names[index], skipped)
 
     def can_apply(self, index: int, x: Tensor) -> bool:
         """Whether operation ``index`` can run on ``x`` (mixing needs a batch of at least 2)."""
@@ -156,6 +190,7 @@ class PerturbationPool(nn.Module):
         """Run every operation once on (a slice of) the batch, so that inputs an operation cannot
         handle are refused now, naming it, and not at a random later step. Draws nothing from any
         generator the caller sees."""
+        self.checked = True
         if x.dim() != 4:
             raise ValueError(
                 f"Perturbation {self.names[0]!r} needs an image batch [B, C, H, W]; got inputs of shape "
@@ -167,17 +202,16 @@ class PerturbationPool(nn.Module):
                 continue
             try:
                 self.perturb(index, x, y, seed=0, num_classes=num_classes)
-            except (ValueError, TypeError) as error:
-                if name in str(error):
-                    raise
-                raise ValueError(
-                    f"Perturbation {name!r} cannot handle inputs of shape {list(x.shape)[1:]} (per sample): {error}"
-                ) from error
             except Exception as error:  # kornia's own checks raise their BaseError
+                if isinstance(error, (ValueError, TypeError)) and name in str(error):
+                    raise
                 raise ValueError(
                     f"Perturbation {name!r} cannot handle inputs of shape {list(x.shape)[1:]} (per sample): {error}. "
                     "Give the pool operations that suit these inputs, or perturbation=None."
                 ) from error
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, operations={self.names}"
 
     def perturb(self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int) -> tuple[Tensor, Tensor]:
         """Apply operation ``index`` to the batch ``(x, y)``, deterministically from ``seed``.

@@ -102,7 +102,7 @@ def test_heterogeneous_adapters_and_soft_labels_compile():
     optimizers[1] = torch.optim.SGD(models[1].parameters(), lr=0.05)
     twins = copy.deepcopy(models)
     twin_optimizers = [type(o)(m.parameters(), **o.defaults) for o, m in zip(optimizers, twins)]
-    pool = PerturbationPool({"mixup": PerturbationPool().operations[0]})
+    pool = PerturbationPool({"mixup": PerturbationPool().operations[0]}, p=1.0)
     example = _batch(0)[0][:2]
     torch.manual_seed(0)
     group = CompetitiveGroup(
@@ -113,7 +113,7 @@ def test_heterogeneous_adapters_and_soft_labels_compile():
         twins,
         twin_optimizers,
         feature_hooks=["1", "2"],
-        perturbation=PerturbationPool({"mixup": PerturbationPool().operations[0]}),
+        perturbation=PerturbationPool({"mixup": PerturbationPool().operations[0]}, p=1.0),
         seed=0,
         example_input=example,
     )

@@ -112,7 +112,7 @@ def _perturbation_worker(rank, world, out):
     members = [DDP(tiny_cnn(width=4, seed=i, dtype=torch.float32)) for i in range(2)]
     torch.manual_seed(10 + rank)  # each rank its own local seed; the group takes rank 0's
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in members]
-    group = CompetitiveGroup(members, optimizers, perturbation=PerturbationPool())
+    group = CompetitiveGroup(members, optimizers, perturbation=PerturbationPool(p=1.0))
     draws = []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 * step + rank)

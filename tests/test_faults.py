@@ -69,7 +69,7 @@ def test_skip_nonfinite_keeps_the_member_unchanged():
 
 
 def test_all_members_nonfinite_is_a_clear_error_and_nothing_moves():
-    group, members = _group(perturbation=PerturbationPool(), seed=0)
+    group, members = _group(perturbation=PerturbationPool(p=1.0), seed=0)
     group.step(_batch(0))
     params = [_params(m) for m in members]
     generator = group.generator.get_state()
@@ -85,7 +85,7 @@ def test_all_members_nonfinite_is_a_clear_error_and_nothing_moves():
 
 
 def test_a_forward_that_raises_leaves_the_group_unchanged():
-    group, members = _group(perturbation=PerturbationPool(), seed=3)
+    group, members = _group(perturbation=PerturbationPool(p=1.0), seed=3)
     group.step(_batch(0))
     state = {k: v.clone() for k, v in group.counters.state_dict().items() if k != "_extra_state"}
     generator = group.generator.get_state()
@@ -116,7 +116,7 @@ def _resume_group(seed=11):
         members,
         optimizers,
         feature_hooks=["1", "1"],
-        perturbation=PerturbationPool(),
+        perturbation=PerturbationPool(p=1.0),
         seed=seed,
         example_input=torch.zeros(2, 3, 6, 6),
     )

@@ -223,7 +223,7 @@ def test_member_by_member_backward_equals_one_backward_of_the_sum(rule):
         models = [tiny_cnn(width=w, classes=5, seed=i, dtype=torch.float32) for i, w in enumerate((4, 6, 4))]
         optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in models]
         ops = default_operations()
-        pool = PerturbationPool({k: ops[k] for k in ("mixup", "gaussian_noise")})
+        pool = PerturbationPool({k: ops[k] for k in ("mixup", "gaussian_noise")}, p=1.0)
         return CompetitiveGroup(
             models,
             optimizers,

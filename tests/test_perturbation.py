@@ -44,7 +44,7 @@ def test_default_pool_covers_the_paper_operations():
 
 @pytest.mark.parametrize("name", list(default_operations()))
 def test_each_operation_changes_only_the_chosen_member_input(name):
-    pool = PerturbationPool({name: default_operations()[name]})
+    pool = PerturbationPool({name: default_operations()[name]}, p=1.0)
     members = [Recorder() for _ in range(3)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in members]
     group = CompetitiveGroup(members, optimizers, perturbation=pool, seed=1)
@@ -62,7 +62,7 @@ def test_each_operation_changes_only_the_chosen_member_input(name):
 
 @pytest.mark.parametrize("name", list(default_operations()))
 def test_labels_stay_hard_or_become_rows_that_sum_to_one(name):
-    pool = PerturbationPool({name: default_operations()[name]})
+    pool = PerturbationPool({name: default_operations()[name]}, p=1.0)
     x, y = _batch()
     x2, y2 = pool.perturb(0, x, y, seed=3, num_classes=10)
     if name in MIXING:
@@ -74,7 +74,7 @@ def test_labels_stay_hard_or_become_rows_that_sum_to_one(name):
 
 
 def test_mixing_uses_soft_labels_in_the_member_cross_entropy():
-    pool = PerturbationPool({"mixup": default_operations()["mixup"]})
+    pool = PerturbationPool({"mixup": default_operations()["mixup"]}, p=1.0)
     members = [Recorder() for _ in range(2)]
     group = CompetitiveGroup(
         members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members], perturbation=pool, seed=0
@@ -89,10 +89,7 @@ def test_mixing_uses_soft_labels_in_the_member_cross_entropy():
 
 
 def _seed_of_first_draw(pool, group_seed):
-    g = torch.Generator().manual_seed(group_seed)
-    torch.rand((), generator=g)
-    torch.randint(2, (), generator=g)
-    return pool.draw(g)[1]
+    return pool.draw(torch.Generator().manual_seed(group_seed), 2, torch.zeros(2, 1, 1, 1)).seed
 
 
 def test_noise_keeps_the_normalization_and_does_not_clamp():
@@ -114,7 +111,7 @@ def test_same_seed_same_draws_and_replay():
         group = CompetitiveGroup(
             members,
             [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
-            perturbation=PerturbationPool(),
+            perturbation=PerturbationPool(p=1.0),
             seed=seed,
         )
         out = []
@@ -132,27 +129,50 @@ def test_same_seed_same_draws_and_replay():
 def test_member_draw_is_uniform():
     # a fixed seed makes this deterministic: it cannot flake
     members = [nn.Linear(4, 3) for _ in range(4)]
-    pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y)})
+    pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y)}, p=1.0)
     group = CompetitiveGroup(
         members, [torch.optim.SGD(m.parameters(), lr=0.0) for m in members], perturbation=pool, seed=123
     )
     counts = torch.zeros(4)
+    x = torch.randn(2, 4)
     for _ in range(4000):
-        counts[group._draw()[0]] += 1
+        counts[pool.draw(group.generator, 4, x).member] += 1
     expected = 1000.0
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 16.27, counts  # chi-square, 3 degrees of freedom, p = 0.001
 
 
 def test_perturb_prob_zero_never_perturbs_and_half_sometimes():
+    # the deprecated group argument, forwarded to the pool's p with a warning
     members = [nn.Linear(4, 3) for _ in range(2)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in members]
+    x = torch.randn(2, 4)
     pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y)})
-    never = CompetitiveGroup(members, opts, perturbation=pool, perturb_prob=0.0, seed=0)
-    assert all(never._draw()[0] is None for _ in range(200))
-    half = CompetitiveGroup(members, opts, perturbation=pool, perturb_prob=0.5, seed=0)
-    hits = sum(half._draw()[0] is not None for _ in range(1000))
+    with pytest.warns(DeprecationWarning, match=r"perturb_prob.*PerturbationPool\(p="):
+        never = CompetitiveGroup(members, opts, perturbation=pool, perturb_prob=0.0, seed=0)
+    assert pool.p == never.perturb_prob == 0.0
+    assert all(pool.draw(never.generator, 2, x).member is None for _ in range(200))
+    pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y)})
+    with pytest.warns(DeprecationWarning):
+        half = CompetitiveGroup(members, opts, perturbation=pool, perturb_prob=0.5, seed=0)
+    hits = sum(pool.draw(half.generator, 2, x).member is not None for _ in range(1000))
     assert 420 < hits < 580
+
+
+def test_the_pool_owns_p_and_perturbs_about_a_tenth_of_the_steps_by_default():
+    pool, x = PerturbationPool({"identity": lambda x, y: (x + 0.0, y)}), torch.randn(2, 4)
+    g = torch.Generator().manual_seed(0)
+    hits = sum(pool.draw(g, 2, x).member is not None for _ in range(2000))
+    assert pool.p == 0.1 and 140 < hits < 260  # binomial(2000, 0.1): mean 200, sd 13.4
+    with pytest.raises(ValueError, match=r"Invalid p value 1.5 provided"):
+        PerturbationPool(p=1.5)
+    members = [nn.Linear(4, 3) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in members]
+    with pytest.raises(ValueError, match=r"perturb_prob=0.3 sets the perturbation pool's p, but the pool sets p=0.5"):
+        CompetitiveGroup(members, opts, perturbation=PerturbationPool(p=0.5), perturb_prob=0.3)
+    group = CompetitiveGroup(members, opts, perturbation=PerturbationPool(p=0.5))
+    with pytest.raises(AttributeError, match=r"group.perturb_prob is read-only: set the pool's p"):
+        group.perturb_prob = 0.2
 
 
 def test_state_dict_round_trip_continues_the_draws():
@@ -161,7 +181,7 @@ def test_state_dict_round_trip_continues_the_draws():
         return CompetitiveGroup(
             members,
             [torch.optim.SGD(m.parameters(), lr=0.0) for m in members],
-            perturbation=PerturbationPool(),
+            perturbation=PerturbationPool(p=1.0),
             seed=seed,
         )
 
@@ -179,7 +199,10 @@ def test_state_dict_round_trip_continues_the_draws():
 def test_stats_count_perturbed_wins():
     members = [Recorder() for _ in range(2)]
     group = CompetitiveGroup(
-        members, [torch.optim.SGD(m.parameters(), lr=0.1) for m in members], perturbation=PerturbationPool(), seed=0
+        members,
+        [torch.optim.SGD(m.parameters(), lr=0.1) for m in members],
+        perturbation=PerturbationPool(p=1.0),
+        seed=0,
     )
     wins = 0
     for s in range(10):
@@ -210,7 +233,10 @@ def test_input_errors():
 def test_non_image_input_with_a_pool_errors_in_the_group():
     members = [nn.Linear(4, 3) for _ in range(2)]
     group = CompetitiveGroup(
-        members, [torch.optim.SGD(m.parameters(), lr=0.1) for m in members], perturbation=PerturbationPool(), seed=0
+        members,
+        [torch.optim.SGD(m.parameters(), lr=0.1) for m in members],
+        perturbation=PerturbationPool(p=1.0),
+        seed=0,
     )
     with pytest.raises(ValueError, match=r"needs an image batch \[B, C, H, W\]; got inputs of shape \[4, 4\]"):
         group.step((torch.randn(4, 4), torch.zeros(4, dtype=torch.long)))
@@ -219,16 +245,16 @@ def test_non_image_input_with_a_pool_errors_in_the_group():
 
 def test_draws_stay_on_the_cpu_when_the_pool_moves():
     # moving the pool (as for CUDA) must not move the draw weights: reading them back would sync
-    pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y), "twice": lambda x, y: (x * 2, y)})
+    pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y), "twice": lambda x, y: (x * 2, y)}, p=1.0)
     pool.to("meta")
     assert pool.weights.device.type == "cpu"
-    assert pool.draw(torch.Generator().manual_seed(0))[0] in (0, 1)
+    assert pool.draw(torch.Generator().manual_seed(0), 2, torch.zeros(2, 1)).index in (0, 1)
 
 
 def test_weights_choose_operations():
     pool = PerturbationPool(weights=[0, 0, 0, 0, 0, 0, 0, 1])
     g = torch.Generator().manual_seed(0)
-    assert {pool.draw(g)[0] for _ in range(50)} == {7}
+    assert {pool.draw(g, 2, torch.zeros(2, 1)).index for _ in range(50)} == {7}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -47,7 +47,7 @@ def _assert_unchanged(group, before):
 
 
 def _only(name, op):
-    return PerturbationPool({name: op})
+    return PerturbationPool({name: op}, p=1.0)
 
 
 # -- 2. labels returned by a perturbation ---------------------------------------------------------
@@ -131,7 +131,7 @@ def test_a_scheduler_built_before_the_group_is_refused_when_it_is_built():
 
 @pytest.mark.parametrize("how", ["evaluate", "no_grad"])
 def test_losses_of_a_batch_without_side_effects(how):
-    group, _, _ = _group(perturbation=PerturbationPool(), perturb_prob=1.0, warmup_steps=0)
+    group, _, _ = _group(perturbation=PerturbationPool(p=1.0), warmup_steps=0)
     group.step(_batch(0))
     group.eval()
     before = _snapshot(group)
@@ -194,7 +194,7 @@ def test_one_class_logits_are_refused():
 
 
 def test_step_under_no_grad_is_refused_before_anything_moves():
-    group, _, _ = _group(perturbation=PerturbationPool())
+    group, _, _ = _group(perturbation=PerturbationPool(p=1.0))
     before = _snapshot(group)
     with torch.no_grad(), pytest.raises(RuntimeError, match="no_grad"):
         group.step(_batch())
@@ -202,7 +202,7 @@ def test_step_under_no_grad_is_refused_before_anything_moves():
 
 
 def test_step_with_every_parameter_frozen_is_refused_before_anything_moves():
-    group, models, _ = _group(perturbation=PerturbationPool())
+    group, models, _ = _group(perturbation=PerturbationPool(p=1.0))
     for m in models:
         m.requires_grad_(False)
     before = _snapshot(group)
@@ -273,7 +273,7 @@ def test_images_the_default_pool_cannot_handle_are_refused_at_the_first_step():
     for m in models:
         m(torch.randn(1, 5, 6, 6))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
-    group = CompetitiveGroup(models, optimizers, perturbation=PerturbationPool(), perturb_prob=0.0, seed=0)
+    group = CompetitiveGroup(models, optimizers, perturbation=PerturbationPool(p=0.0), seed=0)
     with pytest.raises(ValueError, match=r"Perturbation '\w+' cannot handle inputs of shape \[5, 6, 6\]"):
         group.step((torch.randn(4, 5, 6, 6), torch.zeros(4, dtype=torch.long)))
     assert group.steps == 0

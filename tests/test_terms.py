@@ -98,7 +98,7 @@ def test_compiled_terms_match_eager_without_recompiles(rule, granularity):
 
 def test_every_term_under_perturbation_and_bf16_autocast():
     group = _group(
-        _models(), perturbation=PerturbationPool(), autocast_dtype=torch.bfloat16, warmup_steps=0, rule="mutual"
+        _models(), perturbation=PerturbationPool(p=1.0), autocast_dtype=torch.bfloat16, warmup_steps=0, rule="mutual"
     )
     seen = set()
     for k in range(6):

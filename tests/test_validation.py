@@ -166,7 +166,8 @@ def test_perturbation_and_probability():
     with pytest.raises(
         ValueError, match=r"Invalid perturb_prob value 1.5 provided\. Please provide a value in \[0,1\] range"
     ):
-        _group(perturb_prob=1.5)
+        with pytest.warns(DeprecationWarning, match="perturb_prob"):
+            _group(perturb_prob=1.5)
 
 
 def test_failed_validation_leaves_the_group_unchanged():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_real
-from .base import StepOutputs, upcast, weighted
+from .base import StepOutputs, register_term, upcast, weighted
 from .feature import Adapted, sample_mask
 
 
@@ -98,6 +98,7 @@ def adm_loss(
     return consensus * student_side + divergence * teacher_side
 
 
+@register_term("adm")
 class ADM(Adapted):
     """ADM-style spatial distillation on feature maps (our reading of the abstract), see :func:`adm_loss`.
 
@@ -106,8 +107,6 @@ class ADM(Adapted):
         consensus (float): weight of the students' consensus term. Default: 1.
         divergence (float): weight of the teacher's divergence term. Default: 0.1.
     """
-
-    name = "adm"
 
     def __init__(self, weight: float = 1.0, *, consensus: float = 1.0, divergence: float = 0.1):
         super().__init__(weight)

@@ -7,60 +7,21 @@ for what a member does as a teacher. Learnable parts (adapters, projection heads
 the term, created by :meth:`Term.build` when the group is built, and each belongs to the member
 whose loss trains it (:meth:`Term.member_parameters`).
 
-To add a term: subclass :class:`Term`, set ``name`` and ``needs``, implement ``forward`` (and
-``build`` / ``member_parameters`` if it learns), and pass an instance in ``terms=[...]``.
+To add a term: subclass :class:`Term`, set ``needs``, implement ``forward`` (and ``build`` /
+``member_parameters`` if it learns), and register it with :func:`register_term`, so a group can
+name it in ``terms=["my_term"]`` (or pass an instance). What a term reads, :class:`StepOutputs`,
+and the helpers that weight by ``W`` live with the step math in :mod:`competitive.losses`.
 """
 
-from collections.abc import Iterator, Sequence
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
 
-import torch
 from torch import Tensor, nn
 
 from .._validation import check_real
+from ..losses import StepOutputs, per_sample, upcast, weighted
 
-
-def upcast(x: Tensor) -> Tensor:
-    """``x`` in at least float32, also when the members run in bf16 / fp16 under autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def per_sample(weights: Tensor, batch: int) -> Tensor:
-    """``W`` as ``[B, N, N]``: ``[N, N]`` (one teacher per batch) is broadcast over the batch."""
-    return weights.expand(batch, -1, -1) if weights.dim() == 2 else weights
-
-
-def weighted(weights: Tensor, pair: Tensor) -> Tensor:
-    """``sum_j W[b, i, j] * pair[i, j, b]``, averaged over ``b``: ``[N]``.
-
-    ``pair`` is ``[N, N, B]`` (member ``i`` towards member ``j``, per sample). A pair with weight
-    0 contributes exactly 0 even where its value is NaN or inf, so a member that cannot teach
-    never poisons another.
-    """
-    w = per_sample(weights, pair.shape[-1]).permute(1, 2, 0).to(pair.dtype)  # [N, N, B]
-    return torch.where(w > 0, w * pair, 0.0).sum(dim=1).mean(dim=-1)
-
-
-class StepOutputs(NamedTuple):
-    """What the members produced this step, as every term sees it.
-
-    Attributes:
-        logits (list of Tensor): ``N`` tensors ``[B, C]``, as the members returned them.
-        log_probs (Tensor): ``[N, B, C]`` log-softmax of the logits (at least float32).
-        labels (Tensor): ``[N, B]`` the class each member was trained towards per sample (the
-            argmax of a mixed label).
-        teaches (BoolTensor): ``[N, B]`` where member ``j``'s outputs on sample ``b`` are all finite,
-            so it may act as a target; terms mask every other value out of the targets.
-        features (list of Tensor or None): the hooked feature maps, ``[B, ...]`` per member.
-        embeddings (list of Tensor or None): the hooked embeddings, ``[B, D_i]`` per member.
-    """
-
-    logits: Sequence[Tensor]
-    log_probs: Tensor
-    labels: Tensor
-    teaches: Tensor
-    features: Sequence[Tensor] | None = None
-    embeddings: Sequence[Tensor] | None = None
+__all__ = ["TERMS", "StepOutputs", "Term", "per_sample", "register_term", "resolve_terms", "upcast", "weighted"]
 
 
 class Term(nn.Module):
@@ -96,3 +57,86 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
+
+
+# every term a group can name in ``terms=[...]``, filled by @register_term
+TERMS: dict[str, type[Term]] = {}
+T = TypeVar("T", bound=type[Term])
+
+
+def register_term(name: str) -> Callable[[T], T]:
+    """Class decorator: make a :class:`Term` subclass known by ``name`` (its ``name`` attribute too).
+
+    Example:
+        >>> import torch
+        >>> @register_term("zero")
+        ... class Zero(Term):
+        ...     def forward(self, outputs, weights):
+        ...         return outputs.log_probs.new_zeros(outputs.log_probs.shape[0])
+        >>> TERMS["zero"] is Zero and Zero().name
+        'zero'
+        >>> del TERMS["zero"]
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"Invalid term name {name!r}: please provide an identifier such as 'my_term'.")
+
+    def register(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, Term)):
+            raise TypeError(f"@register_term({name!r}) decorates {cls!r}; it must be a subclass of Term.")
+        if TERMS.get(name, cls) is not cls:
+            raise ValueError(f"A term named {name!r} is already registered ({TERMS[name].__qualname__}).")
+        cls.name = name
+        TERMS[name] = cls
+        return cls
+
+    return register
+
+
+def resolve_terms(
+    terms: Any, feature_hooks: Any, embedding_hooks: Any, settings: dict[str, dict[str, float]] | None = None
+) -> list[Term]:
+    """The terms a group runs: names (built with ``settings[name]`` as keyword arguments) or instances,
+    checked against the hooks. A setting for a term given as an instance, or not given at all, is an
+    error: the instance owns its settings."""
+    settings = settings or {}
+    if terms is None:
+        terms = ["kl"] + (["feature"] if feature_hooks is not None else [])
+    if isinstance(terms, (str, Term)) or not isinstance(terms, (list, tuple)):
+        raise TypeError(f"Invalid terms ({terms!r}): please provide a list of term names or Term instances.")
+    built, errors = [], []
+    for i, term in enumerate(terms):
+        if isinstance(term, Term):
+            built.append(term)
+        elif isinstance(term, str) and term in TERMS:
+            built.append(TERMS[term](**settings.get(term, {})))
+        else:
+            errors.append(f"terms[{i}]={term!r}")
+    if errors:
+        raise ValueError(f"Invalid {', '.join(errors)}: known terms are {sorted(TERMS)}, or pass a Term instance.")
+    names = [t.name for t in built]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated or "" in names:
+        raise ValueError(f"Invalid terms: every term needs a unique, non-empty name; got {names}.")
+    for owner, values in settings.items():
+        if owner not in terms:
+            given = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            where = "is an instance that holds its own settings" if owner in names else "is not in terms"
+            raise ValueError(f"{given} sets the {owner!r} term, which {where} (terms={names}); set it on the term.")
+    _check_hooks(built, feature_hooks, embedding_hooks)
+    return built
+
+
+def _check_hooks(built: list[Term], feature_hooks: Any, embedding_hooks: Any) -> None:
+    names = [t.name for t in built]
+    needs = {need for term in built for need in term.needs}
+    for need, hooks in (("features", feature_hooks), ("embeddings", embedding_hooks)):
+        argument = "feature_hooks" if need == "features" else "embedding_hooks"
+        users = [t.name for t in built if need in t.needs]
+        if need in needs and hooks is None:
+            raise ValueError(f"The terms {users} read {need}: please provide {argument}, one per model.")
+        if need not in needs and hooks is not None:
+            readers = [n for n, t in TERMS.items() if need in t.needs]
+            raise ValueError(
+                f"{argument} is given, but no term reads {need} (terms={names}). Add one of {readers} to terms, "
+                f"or pass {argument}=None."
+            )

@@ -5,8 +5,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..features import build_adapters
-from .base import StepOutputs, Term, per_sample, upcast
+from .adapters import build_adapters
+from .base import StepOutputs, Term, per_sample, register_term, upcast
 
 
 def sample_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -72,6 +72,7 @@ class Adapted(Term):
                 yield from adapter.parameters()
 
 
+@register_term("feature")
 class FeatureL2(Adapted):
     """Feature distillation, ``sum_j W_ij || A_ij(F_i) - F_j ||^2`` as a mean over elements (Eq. 10).
 
@@ -86,8 +87,6 @@ class FeatureL2(Adapted):
         >>> FeatureL2()(out, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))  # mean((0-1)^2, (0-2)^2)
         tensor([0.0000, 2.5000])
     """
-
-    name = "feature"
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         return feature_term(outputs.features, outputs.teaches, weights, self.adapters if len(self.adapters) else None)

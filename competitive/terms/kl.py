@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_real
-from .base import StepOutputs, Term, per_sample, upcast
+from .base import StepOutputs, Term, per_sample, register_term, upcast
 
 
 def kl_term(log_probs: Tensor, teaches: Tensor, weights: Tensor, *, temperature: float = 1.0, logits=None) -> Tensor:
@@ -25,6 +25,7 @@ def kl_term(log_probs: Tensor, teaches: Tensor, weights: Tensor, *, temperature:
     return kl.mean(dim=1) * temperature**2
 
 
+@register_term("kl")
 class KL(Term):
     """Logit distillation, ``tau^2 * sum_j W_ij KL(softmax(z_j / tau) || softmax(z_i / tau))`` (Eq. 9).
 
@@ -39,8 +40,6 @@ class KL(Term):
         >>> KL()(out, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))  # member 0 teaches member 1
         tensor([0.0000, 1.5232])
     """
-
-    name = "kl"
 
     def __init__(self, weight: float = 1.0, *, temperature: float = 1.0):
         super().__init__(weight)

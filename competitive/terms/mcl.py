@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_real
-from .base import StepOutputs, Term, per_sample, upcast, weighted
+from .base import StepOutputs, Term, per_sample, register_term, upcast, weighted
 
 
 class ProjectionHead(nn.Module):
@@ -125,6 +125,7 @@ def mcl_loss(
     return vcl * vcl_i + peer
 
 
+@register_term("mcl")
 class MCL(Term):
     """Mutual Contrastive Learning on per-member embeddings, see :func:`mcl_loss`.
 
@@ -138,7 +139,6 @@ class MCL(Term):
         dim (int): the heads' output size. Default: 128.
     """
 
-    name = "mcl"
     needs = ("embeddings",)
 
     def __init__(

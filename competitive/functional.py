@@ -1,0 +1,119 @@
+"""The paper's loss with its two terms (KL and feature L2) as plain functions, for loops that do
+not use :class:`~competitive.CompetitiveGroup`: :func:`competitive_loss` for a given ``W``, and
+:func:`group_loss` with the competition included."""
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .losses import compete, cross_entropy, upcast
+from .terms.feature import feature_term
+from .terms.kl import kl_term
+
+
+class LossTerms(NamedTuple):
+    """Per-member loss terms, each of shape ``[N]``: ``loss = ce + alpha * kl + beta * feature``."""
+
+    ce: Tensor
+    kl: Tensor
+    feature: Tensor
+    loss: Tensor
+
+
+def _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce) -> LossTerms:
+    kl = kl_term(log_probs, teaches, weights, temperature=temperature, logits=logits)
+    if features is None:
+        feature = torch.zeros_like(kl)
+    else:
+        feature = feature_term(features, teaches, weights, adapters if adapters else None)
+    return LossTerms(ce, kl, feature, ce + alpha * kl + beta * feature)
+
+
+def competitive_loss(
+    logits: Sequence[Tensor],
+    targets: Tensor,
+    weights: Tensor,
+    *,
+    features: Sequence[Tensor] | None = None,
+    adapters: nn.ModuleDict | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+) -> LossTerms:
+    """Each member's loss ``L_i = L_C,i + alpha * L_D,i + beta * L_F,i`` for a given ``W`` (Eq. 8-11).
+
+    - ``L_C,i``: the batch mean of the cross-entropy (Eq. 7).
+    - ``L_D,i = tau^2 * sum_j W_ij KL(p_j || p_i)`` with ``p = softmax(z / tau)``, summed over
+      classes and averaged over the batch (``batchmean``). ``p_j`` is a target: no gradient
+      reaches the teacher through it (Eq. 9).
+    - ``L_F,i = sum_j W_ij || A_ij(F_i) - F_j ||^2`` as a mean over elements (Eq. 10), where
+      ``A_ij`` is the adapter from member ``i``'s feature shape to member ``j``'s (identity when
+      the shapes agree).
+
+    Args:
+        logits (sequence of Tensor): ``N`` tensors of shape ``[B, C]``.
+        targets (Tensor): class indices ``[B]``, or per-member label distributions ``[N, B, C]``.
+        weights (Tensor): ``W`` of shape ``[N, N]`` (one teacher per batch) or ``[B, N, N]``
+            (one per sample).
+        features (sequence of Tensor, optional): ``N`` feature maps with a leading batch dim.
+        adapters (nn.ModuleDict, optional): ``"i_j"`` -> module mapping ``F_i`` to ``F_j``'s shape.
+        alpha (float): weight of ``L_D``. Default: 1.
+        beta (float): weight of ``L_F``. Default: 1.
+        temperature (float): softmax temperature of ``L_D``. Default: 1.
+
+    Returns:
+        :class:`LossTerms` of per-member tensors of shape ``[N]``.
+
+    Example:
+        >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+        >>> w = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # member 0 teaches member 1
+        >>> competitive_loss(z, torch.tensor([0]), w).kl
+        tensor([0.0000, 1.5232])
+    """
+    log_probs = torch.stack([upcast(z) for z in logits]).log_softmax(dim=-1)
+    ce_per_sample = cross_entropy(log_probs, targets)
+    teaches = torch.isfinite(ce_per_sample)
+    ce = ce_per_sample.mean(dim=1)
+    return _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce)
+
+
+def group_loss(
+    logits: Sequence[Tensor],
+    targets: Tensor,
+    features: Sequence[Tensor] | None = None,
+    *,
+    rule: str = "best",
+    granularity: str = "batch",
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    adapters: nn.ModuleDict | None = None,
+    reduce_ce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[LossTerms, Tensor, Tensor]:
+    """Cross-entropy, selection and the paper's loss in one pure function.
+
+    Args:
+        logits, targets, features, adapters, alpha, beta, temperature: as in
+            :func:`competitive_loss`.
+        rule (str): selection rule, see :func:`~competitive.distillation_weights`.
+        granularity (str): ``"batch"`` (one teacher per batch, the paper) or ``"sample"``.
+        reduce_ce (callable, optional): applied to the batch scores ``[N]`` before selection, e.g.
+            an all-reduce so every process picks the same teacher. Only with ``"batch"``.
+
+    Returns:
+        ``(terms, teacher, weights)``: the :class:`LossTerms`, the teacher index (a scalar, or
+        ``[B]`` per sample; ``-1`` where no CE is finite) and ``W``.
+
+    Example:
+        >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+        >>> terms, teacher, w = group_loss(z, torch.tensor([0]))
+        >>> int(teacher), terms.kl  # member 0 has the lower CE and teaches member 1
+        (0, tensor([0.0000, 1.5232]))
+    """
+    out, ce, teacher, weights = compete(logits, targets, features, None, rule, granularity, reduce_ce)
+    terms = _weighted_terms(
+        out.log_probs, out.teaches, logits, weights, features, adapters, alpha, beta, temperature, ce
+    )
+    return terms, teacher, weights

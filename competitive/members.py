@@ -1,0 +1,300 @@
+"""``Members``: the networks of a group, their optimizers and hooks; forward, backward and step.
+
+A group reaches its members through :meth:`Members.forward` (every member's forward on the batch,
+one of them perturbed, the outputs checked and cut from the members' graphs) and
+:meth:`Members.backward_and_step` (member by member: backward from its outputs, optimizer step,
+gradients freed). The checks of each step's batch and outputs live here.
+"""
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_logits_from, check_member_settings, check_members
+from .features import (
+    FeatureCapture,
+    HookSpec,
+    check_batch,
+    check_logits,
+    check_shapes,
+    check_targets,
+    extract_logits,
+    resolve_hooks,
+)
+from .perturbation import Draw, PerturbationPool
+
+
+class StepInputs(NamedTuple):
+    """What the step math reads, on one device, and the cut of the members' graphs (or None)."""
+
+    logits: list[Tensor]
+    targets: Tensor
+    captured: dict[str, list[Tensor]]  # "features", "embeddings": the hooked outputs the terms read
+    cut: "Cut | None"
+
+
+class Members:
+    """The models, their optimizers, the hooks on them, and how a step runs through them (the
+    arguments are :class:`~competitive.CompetitiveGroup`'s of the same names)."""
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer | None],
+        feature_hooks: Sequence[HookSpec] | None = None,
+        embedding_hooks: Sequence[HookSpec] | None = None,
+        logits_from: Any = None,
+        autocast_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
+    ):
+        check_members(models, optimizers, feature_hooks, embedding_hooks)
+        check_member_settings(autocast_dtype, skip_nonfinite)
+        self.models, self.optimizers = list(models), list(optimizers)
+        n = len(self.models)
+        self.logits_from = check_logits_from(logits_from, n)
+        self.autocast_dtype, self.skip_nonfinite = autocast_dtype, skip_nonfinite
+        self.capture = {
+            "features": FeatureCapture(resolve_hooks(self.models, feature_hooks or [None] * n, "feature_hooks")),
+            "embeddings": FeatureCapture(
+                resolve_hooks(self.models, embedding_hooks or [None] * n, "embedding_hooks"), linear_input=True
+            ),
+        }
+        self.watch = NonfiniteWatch(skip_nonfinite)
+        # which hooked outputs the terms read, and the shapes their parts were built for (set by the group)
+        self.needs: list[str] = []
+        self.shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.fixed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Each member's device, read from its parameters (so a trainer may move the members)."""
+        return [next(m.parameters()).device for m in self.models]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the step math runs: the first member's device."""
+        return next(self.models[0].parameters()).device
+
+    def check_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` checked against the members (targets as int64)."""
+        return check_batch(batch, self.devices)
+
+    def forward(
+        self, x: Tensor, y: Tensor, draw: Draw | None = None, pool: PerturbationPool | None = None, cut: bool = False
+    ) -> StepInputs:
+        """What the step math reads, on the first member's device: every member's logits on ``x``
+        (member ``draw.member`` on its batch perturbed by ``pool``), the targets each member learns
+        towards, and the hooked outputs in ``needs``; with ``cut``, cut from the members' graphs for
+        :meth:`backward_and_step`. ``pool`` tries each of its operations on the first batch it
+        sees, so one that cannot handle ``x`` is refused now."""
+        devices, n = self.devices, len(self.models)
+        member = None if draw is None else draw.member
+        logits = [self._forward(i, x, devices[i]) for i in range(n) if i != member]
+        num_classes = check_logits(logits, x.shape[0], [i for i in range(n) if i != member])
+        check_targets(y, num_classes)
+        if pool is not None and not pool.checked:
+            pool.check(x, y, num_classes=num_classes)
+        targets = y.to(devices[0])
+        if member is not None:
+            x_p, y_p = pool.perturb(draw.index, x.to(devices[member]), y.to(devices[member]), seed=draw.seed,
+                                    num_classes=num_classes)  # fmt: skip
+            logits.insert(member, self._forward(member, x_p, devices[member]))
+            num_classes = check_logits(logits, x.shape[0], list(range(n)))
+            targets = member_targets(targets, y_p.to(devices[0]), member, n, num_classes)
+        return self._inputs(logits, targets, devices[0], Cut(n) if cut else None)
+
+    def _inputs(self, logits: list[Tensor], targets: Tensor, device: torch.device, cut: "Cut | None") -> StepInputs:
+        cutter = cut if cut is not None else _no_cut
+        captured = {}
+        for need in self.needs:  # contiguous: a compiled step is several times slower on channels_last maps
+            values = self.capture[need].take(need)
+            captured[need] = [cutter(i, v).to(device).contiguous() for i, v in enumerate(values)]
+        check_shapes(captured, self.shapes, self.fixed)
+        logits = [cutter(i, z).to(device) for i, z in enumerate(logits)]
+        return StepInputs(logits, targets, captured, cut)
+
+    def _forward(self, i: int, x: Tensor, device: torch.device) -> Tensor:
+        x = x.to(device, non_blocking=True)
+        if self.autocast_dtype is None:
+            output = self.models[i](x)
+        else:
+            with torch.autocast(device.type, dtype=self.autocast_dtype):
+                output = self.models[i](x)
+        return extract_logits(output, self.logits_from[i], member=i)
+
+    def probe(self, example_input: Tensor) -> dict[str, list[tuple[int, ...]]]:
+        """The shapes (without the batch dim) of the hooked outputs in ``needs``, from one forward of
+        ``example_input`` per member in eval mode, without gradients."""
+        modes = [m.training for m in self.models]
+        try:
+            with torch.no_grad():
+                for i, model in enumerate(self.models):
+                    model.eval()
+                    self._forward(i, example_input, self.devices[i])
+            return {need: [tuple(v.shape[1:]) for v in self.capture[need].take(need)] for need in self.needs}
+        finally:
+            for model, mode in zip(self.models, modes):
+                model.train(mode)
+            self.clear()
+
+    def known_shapes(self, example_input: Tensor | None) -> dict[str, list[tuple[int, ...]]] | None:
+        """The shapes of the hooked outputs in ``needs`` where they are known before a step: none
+        needed, a :meth:`probe` of ``example_input``, or embeddings read at ``nn.Linear`` inputs."""
+        if not self.needs:
+            return {}
+        if example_input is not None:
+            return self.probe(example_input)
+        static = self.capture["embeddings"].static_shapes() if self.needs == ["embeddings"] else None
+        return None if static is None else {"embeddings": static}
+
+    def watch_losses(self, total: Tensor, nonfinite: Tensor, step: int) -> None:
+        """Before anything moves: some member must be trainable, and (on the CPU, at once) some loss finite."""
+        if not total.requires_grad:
+            raise RuntimeError(
+                "No member has a trainable parameter in this step's graph (every parameter has "
+                "requires_grad=False), so step() cannot update anything. Unfreeze at least one member."
+            )
+        self.watch.watch(nonfinite, step=step)
+        self.watch.poll()
+
+    def backward_and_step(self, total: Tensor, cut: "Cut", nonfinite: Tensor, scaler: Any = None) -> None:
+        """The step math's backward, then per member: backward from its outputs, optimizer step,
+        gradients freed, so its graph is freed before the next member's backward. By the chain rule
+        every parameter gets the gradient of one backward of the summed losses."""
+        (scaler.scale(total) if scaler is not None else total).backward()
+        try:
+            for i, optimizer in enumerate(self.optimizers):
+                cut.backward(i)
+                if i == 0:
+                    # no finite loss at all raises here, before any update; on a GPU this waits for
+                    # the flags' copy while the first member's backward runs
+                    self.watch.wait()
+                    skip = nonfinite.tolist() if self.skip_nonfinite else [False] * len(self.models)
+                if optimizer is not None:
+                    if not skip[i]:
+                        scaler.step(optimizer) if scaler is not None else optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        except BaseException:
+            self.zero_grad()
+            raise
+        if scaler is not None:
+            scaler.update()
+
+    def clear(self) -> None:  # forget the captured outputs of a forward that did not finish
+        for capture in self.capture.values():
+            capture.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=set_to_none)
+
+    def train(self, mode: bool = True) -> None:
+        for model in self.models:
+            model.train(mode)
+
+    def close(self) -> None:
+        """Remove the hooks from the members."""
+        for capture in self.capture.values():
+            capture.remove()
+
+
+def _no_cut(i: int, output: Tensor) -> Tensor:
+    return output
+
+
+class Cut:
+    """Each member's graph cut at its outputs (logits, hooked features and embeddings).
+
+    The step math runs on detached leaves that stand for those outputs, so one backward of the
+    summed losses fills the leaves' ``.grad``; :meth:`backward` then carries them through member
+    ``i``'s own graph.
+    """
+
+    def __init__(self, n: int):
+        self.pairs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(n)]
+
+    def __call__(self, i: int, output: Tensor) -> Tensor:
+        if not output.requires_grad:
+            return output
+        leaf = output.detach().requires_grad_()
+        self.pairs[i].append((output, leaf))
+        return leaf
+
+    def backward(self, i: int) -> None:
+        """Member ``i``'s backward from its outputs; its graph is freed."""
+        pairs = [(output, leaf.grad) for output, leaf in self.pairs[i] if leaf.grad is not None]
+        self.pairs[i] = []
+        if pairs:
+            outputs, grads = zip(*pairs)
+            torch.autograd.backward(outputs, grads)
+
+
+def member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: int) -> Tensor:
+    """Per-member targets: the perturbed member's own labels beside everyone else's ``y``."""
+    if y_p.dim() == 1:  # new class indices (e.g. a permuted batch)
+        targets = y.expand(n, -1).clone()
+        targets[perturbed] = y_p
+        return targets
+    # mixing: member `perturbed` learns from soft labels, the rest from y
+    targets = torch.nn.functional.one_hot(y, num_classes).float().expand(n, -1, -1).clone()
+    targets[perturbed] = y_p.to(torch.float32)
+    return targets
+
+
+class NonfiniteWatch:
+    """Reports members whose loss is NaN or inf without a host sync in the step.
+
+    On the CPU the flags are read at once. On a GPU they are copied to pinned memory
+    asynchronously, behind an event: :meth:`wait` (called by ``step()`` after the first member's
+    backward pass, before any optimizer runs) blocks until that copy has landed, which the GPU
+    reaches as soon as the forward pass is done, while the backward kernels already queued keep it
+    busy; warnings for single members are raised when their copy is seen.
+    """
+
+    def __init__(self, skip_nonfinite: bool):
+        self.skip_nonfinite = skip_nonfinite
+        self.pending: list[tuple[int, Tensor, Any]] = []
+
+    def watch(self, nonfinite: Tensor, step: int) -> None:
+        if nonfinite.device.type == "cpu":
+            self.pending.append((step, nonfinite.clone(), None))
+        else:
+            host = torch.empty(nonfinite.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(nonfinite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((step, host, event))
+
+    def wait(self) -> None:
+        """Block until every pending flag is on the host, then report (raises if none was finite)."""
+        for _, _, event in self.pending:
+            if event is not None:
+                event.synchronize()
+        self.poll()
+
+    def poll(self) -> None:
+        """Report every flag copy that has landed; raise if a step had no finite member."""
+        while self.pending and (self.pending[0][2] is None or self.pending[0][2].query()):
+            step, flags, _ = self.pending.pop(0)
+            if flags.all():
+                self.pending.clear()
+                raise RuntimeError(
+                    f"Step {step}: the losses of all {flags.numel()} members are NaN or inf, so no member can "
+                    "teach and no member was updated. Check the inputs for NaN/inf, lower the learning rate, "
+                    "or use a GradScaler with fp16."
+                )
+            if flags.any():
+                members = flags.nonzero().flatten().tolist()
+                warnings.warn(
+                    f"Step {step}: the loss of members {members} is NaN or inf; they do not teach this step"
+                    + (" and skip their update." if self.skip_nonfinite else "."),
+                    RuntimeWarning,
+                    stacklevel=5,
+                )

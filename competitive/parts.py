@@ -1,0 +1,119 @@
+"""``GroupParts``: the group's own state as one ``nn.Module``.
+
+The terms with their learnable parts (adapters, projection heads), the counters (buffers) and the
+perturbation generator's state with the shapes the parts were built for (extra state), so
+``.to()``, ``state_dict()`` and a trainer's checkpointing handle them as any module. The members
+stay out of it: they are the user's modules, with their own optimizers.
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from .distributed import share_parameters
+from .stats import GroupStats
+from .terms import Term
+
+Shapes = dict[str, list[tuple[int, ...]]]
+
+
+class TermList(nn.ModuleList):
+    """The knowledge terms in order (``terms[0]``); ``terms["adm"]`` finds one by name."""
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            for term in self:
+                if term.name == key:
+                    return term
+            raise KeyError(f"No term named {key!r}; this group's terms are {self.names}.")
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names if isinstance(key, str) else any(key is term for term in self)
+
+    def get(self, name: str) -> Term | None:
+        """The term named ``name``, or None."""
+        return next((term for term in self if term.name == name), None)
+
+    @property
+    def names(self) -> list[str]:
+        return [term.name for term in self]
+
+    def learnable(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(term name, module)`` for every term that holds parameters (its adapters, its heads)."""
+        for term in self:
+            if any(True for _ in term.parameters()):
+                yield term.name, term
+
+
+class GroupParts(nn.Module):
+    """The terms (``parts.terms``), the counters (``parts.counters``) and the generator's state.
+
+    Args:
+        terms (sequence of Term): the group's knowledge terms.
+        members (Members): the group's members, whose optimizers train the terms' parts (held as a
+            plain reference: they are not part of this module or its state).
+        seed (int): seed of the CPU ``torch.Generator`` the perturbation draws come from.
+        process_group (ProcessGroup, optional): ranks on which the parts stay identical.
+
+    Its state dict holds ``terms.*``, ``counters.*`` and ``_extra_state`` (the generator's state and
+    the shapes the terms' parts were built for). Loading it before the parts exist builds them
+    first, from those shapes.
+    """
+
+    def __init__(self, terms: Sequence[Term], members: Any, seed: int, process_group: Any = None):
+        super().__init__()
+        self.terms = TermList(terms)
+        self.counters = GroupStats(len(members))
+        self.generator = torch.Generator()  # on the CPU, whatever .to() moves: draws never sync a device
+        self.generator.manual_seed(seed)
+        self.shapes: Shapes | None = None
+        self.members, self.process_group = [members], process_group  # a list: not a submodule
+        self.to(members.device)
+
+    def build(self, shapes: Shapes) -> None:
+        """Create the terms' learnable parts for the members' ``shapes`` and hand each to the optimizer
+        of the member whose loss trains it."""
+        members = self.members[0]
+        check.check_no_scheduler_yet(members.optimizers, self.terms, shapes)
+        for term in self.terms:
+            if term.needs:
+                term.build({need: shapes[need] for need in term.needs})
+        self.to(members.device)
+        # what must keep its shape from now on: the inputs of terms that hold learnable parts
+        members.fixed = {need for t in self.terms if any(True for _ in t.parameters()) for need in t.needs}
+        share_parameters(self.terms, self.process_group)  # identical on every rank, gradients averaged
+        owned = [[p for term in self.terms for p in term.member_parameters(i)] for i in range(len(members))]
+        check.check_owners(members.optimizers, owned)
+        for optimizer, params in zip(members.optimizers, owned):
+            if params:  # the part is trained by this member's loss, so this member's optimizer steps it
+                optimizer.add_param_group({"params": params})
+        members.shapes = self.shapes = shapes
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "shapes": self.shapes}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # called before the terms load their own state, so the parts they save exist by then
+        if self.shapes is None and state["shapes"] is not None:
+            self.build({k: [tuple(s) for s in v] for k, v in state["shapes"].items()})
+        self.generator.set_state(state["generator"])
+
+    def group_state(self) -> dict[str, Any]:
+        """The entries of ``CompetitiveGroup.state_dict()`` this module holds (the keys of 0.3.0)."""
+        return {
+            "shapes": self.shapes,
+            "terms": self.terms.state_dict(),
+            "counters": self.counters.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_group_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`group_state` (or a whole group's state dict, 0.3.0's included)."""
+        entries = {"_extra_state": {"generator": state["generator"], "shapes": state["shapes"]}}
+        entries |= {f"terms.{k}": v for k, v in state["terms"].items()}
+        entries |= {f"counters.{k}": v for k, v in state["counters"].items()}
+        self.load_state_dict(entries)
