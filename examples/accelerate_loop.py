@@ -46,7 +46,7 @@ def build(accumulation: int):
         warmup_steps=0,
         example_input=torch.randn(2, 3, 32, 32, device=accelerator.device),
     )
-    accelerator.register_for_checkpointing(group)  # adapters, counters and generator in save_state
+    accelerator.register_for_checkpointing(group.parts)  # an nn.Module: adapters, counters, generator
     return accelerator, group, loader
 
 

@@ -3,7 +3,8 @@
 Shows: a ``LightningModule`` (``automatic_optimization = False``) training a CNN beside an
 MLP (different architectures, so the feature term gets adapters), logging each
 member's CE / KL / feature loss and teacher share with ``self.log_dict``, and resuming from a
-checkpoint with the group's own state (adapters, counters, perturbation generator) restored.
+checkpoint with the group's own state (``group.parts``: adapters, counters, perturbation generator)
+restored as any submodule's.
 
     python examples/lightning_manual.py --smoke      # a few steps on tiny synthetic data, CPU
 
@@ -54,8 +55,9 @@ class CompetitiveModule(L.LightningModule):
             warmup_steps=0,
             example_input=torch.randn(2, 3, 32, 32),  # the adapters exist now, before any restore
         )
-        # as submodules, the adapters and counters are in Lightning's checkpoint and follow .to()
-        self.group_terms, self.group_counters = self.group.terms, self.group.counters
+        # a submodule: the terms' adapters, the counters and the perturbation generator are in
+        # Lightning's checkpoint and follow .to(), with no hook of ours
+        self.group_parts = self.group.parts
 
     def configure_optimizers(self):
         return self.raw_optimizers
@@ -69,12 +71,12 @@ class CompetitiveModule(L.LightningModule):
         self.log_dict(result.scalars())  # ce/i, kl/i, feature/i, loss/i, teacher_share/i, teacher
         return total
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["competitive_generator"] = self.group.generator.get_state()
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.setup("fit")  # the parts exist before the model's state is loaded into them
-        self.group.generator.set_state(checkpoint["competitive_generator"])
+def _same(a, b) -> bool:
+    """Bitwise equal, through the dicts of extra state (the group's generator state, its shapes)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def _trainer(root: Path, epochs: int) -> L.Trainer:
@@ -115,10 +117,7 @@ def main(argv=None) -> dict:
     trainer = _trainer(root / "resumed", epochs=2)
     trainer.fit(resumed, loader, ckpt_path=checkpoint)
 
-    same = all(
-        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-        for a, b in zip(straight.state_dict().values(), resumed.state_dict().values())
-    )
+    same = _same(straight.state_dict(), resumed.state_dict())
     logged = (root / "first").rglob("metrics.csv")
     keys = next(iter(logged)).read_text().splitlines()[0].split(",")
     print(f"global_step {trainer.global_step} after {2 * batches} batches; resumed run bitwise equal: {same}")
