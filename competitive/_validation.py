@@ -43,6 +43,11 @@ def check_members(
     empty = [i for i, m in enumerate(models) if next(iter(m.parameters()), None) is None]
     if empty:
         raise ValueError(f"Invalid models: models{empty} have no parameters; every member must be trainable.")
+    _check_ownership(models, optimizers)
+
+
+def _check_ownership(models: Sequence[nn.Module], optimizers: Sequence[Any]) -> None:
+    """Each member its own module and parameters; each optimizer holds exactly its member's."""
     errors = []
     for i, m in enumerate(models):
         for j in range(i):
@@ -59,6 +64,11 @@ def check_members(
             owner[id(p)] = i
     if errors:
         raise ValueError("Invalid models: " + "; ".join(errors) + ". Members must not share parameters.")
+    _check_optimizers(models, optimizers, owner)
+
+
+def _check_optimizers(models: Sequence[nn.Module], optimizers: Sequence[Any], owner: dict[int, int]) -> None:
+    errors = []
     for i, (m, opt) in enumerate(zip(models, optimizers)):
         if opt is None:
             if any(p.requires_grad for p in m.parameters()):
@@ -106,7 +116,7 @@ def check_real(name: str, value: Any, *, positive: bool = False, owner: str = ""
 
 
 def check_settings(
-    rule: str, granularity: str, warmup_steps: Any, fixed_teacher: Any, n: int, seed: Any, compile: Any, keep: Any
+    rule: str, granularity: str, warmup_steps: Any, fixed_teacher: Any, seed: Any, compile: Any, keep: Any, n: int
 ) -> dict[str, Any] | None:
     """The settings the group itself owns; returns the ``torch.compile`` options (None: eager)."""
     check_rule(rule, granularity)

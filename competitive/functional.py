@@ -52,16 +52,9 @@ def competitive_loss(
       ``A_ij`` is the adapter from member ``i``'s feature shape to member ``j``'s (identity when
       the shapes agree).
 
-    Args:
-        logits (sequence of Tensor): ``N`` tensors of shape ``[B, C]``.
-        targets (Tensor): class indices ``[B]``, or per-member label distributions ``[N, B, C]``.
-        weights (Tensor): ``W`` of shape ``[N, N]`` (one teacher per batch) or ``[B, N, N]``
-            (one per sample).
-        features (sequence of Tensor, optional): ``N`` feature maps with a leading batch dim.
-        adapters (nn.ModuleDict, optional): ``"i_j"`` -> module mapping ``F_i`` to ``F_j``'s shape.
-        alpha (float): weight of ``L_D``. Default: 1.
-        beta (float): weight of ``L_F``. Default: 1.
-        temperature (float): softmax temperature of ``L_D``. Default: 1.
+    ``logits``: ``N`` tensors ``[B, C]``; ``targets``: ``[B]`` or label rows ``[N, B, C]``;
+    ``weights``: ``W`` (``[N, N]`` or ``[B, N, N]``); ``features``: ``N`` maps; ``adapters``:
+    ``"i_j"`` -> ``A_ij``; ``alpha``, ``beta``, ``temperature``: as above (defaults 1).
 
     Returns:
         :class:`LossTerms` of per-member tensors of shape ``[N]``.

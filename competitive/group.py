@@ -1,9 +1,5 @@
-"""``CompetitiveGroup``: N networks trained together by competitive distillation (paper §3).
-
-The group composes small owners and runs one step through them: the pool draws, the members
-forward (:mod:`~competitive.members`), the step math computes (:mod:`~competitive.losses` and the
-terms), the counters record, the members step. Each setting lives in the object it configures.
-"""
+"""``CompetitiveGroup`` (paper §3): a composite of small owners that runs one step through them: the
+pool draws, the members forward, the step math computes, the counters record, the members step."""
 
 from functools import partial
 from typing import Any
@@ -96,23 +92,17 @@ class CompetitiveGroup:
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite
         )
         n = len(self.members)
-        options = check.check_settings(
-            rule, granularity, warmup_steps, fixed_teacher, n, seed, compile, keep_cpu_memory
-        )
+        c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n)
         settings = forward_deprecated(deprecated, perturbation, terms, terms is None and feature_hooks is None)
         self.seed = seed if seed is not None else default_seed(process_group)
         terms = resolve_terms(terms, feature_hooks, embedding_hooks, settings)
-        self.parts = GroupParts(terms, self.members, self.seed, process_group)
+        self.parts = GroupParts(terms, self.members, self.seed, process_group, example_input)
         self.perturbation, self.process_group = perturbation, process_group
         self.rule, self.granularity, self.fixed_teacher = rule, granularity, fixed_teacher
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
-        math = step_losses if options is None else torch.compile(step_losses, fullgraph=True, **options)
-        reduce_score = global_mean(process_group) if granularity == "batch" else None
-        self.loss_fn = partial(math, rule=rule, granularity=granularity, reduce_score=reduce_score,
-                               fixed_teacher=fixed_teacher)  # fmt: skip
-        self.members.needs = sorted({need for term in terms for need in term.needs})
-        if (shapes := self.members.known_shapes(example_input)) is not None:
-            self.parts.build(shapes)  # else at the start of the first step, from its batch
+        reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank
+        kwargs = dict(rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher)
+        self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kwargs)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its
@@ -128,11 +118,8 @@ class CompetitiveGroup:
         return result
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, StepResult]:
-        """Forward every member and compute the losses, leaving backward and stepping to the caller.
-
-        Returns ``(total, result)``: ``total`` is the sum of the members' losses (one backward gives
-        each member exactly its own gradient). Under ``torch.no_grad()`` this is :meth:`evaluate`.
-        """
+        """``(total, result)``, leaving backward and stepping to the caller: ``total`` sums the members'
+        losses (one backward gives each its own gradient). Under ``torch.no_grad()``: :meth:`evaluate`."""
         if not torch.is_grad_enabled():
             result = self.evaluate(batch)
             return result.loss.sum(), result
@@ -176,7 +163,7 @@ class CompetitiveGroup:
         nonfinite, total, perturbed = ~torch.isfinite(loss), loss.sum(), None if draw is None else draw.member
         if train:
             self.members.watch_losses(total, nonfinite, step=self.parts.counters.steps + 1)
-            self.parts.counters.record(out.teacher, nonfinite, perturbed)
+            _count(self.parts.counters, out.teacher, nonfinite, perturbed)
         terms = {k: v.detach() for k, v in out.terms.items()}
         name, skipped = (None, None) if draw is None else (draw.name if perturbed is not None else None, draw.skipped)
         result = StepResult(
@@ -198,19 +185,16 @@ class CompetitiveGroup:
     @property
     def ramp(self) -> float:
         """The factor on every term's weight at the next step (``warmup_steps``)."""
-        steps = self.parts.counters.steps
-        return 1.0 if steps >= self.warmup_steps else steps / self.warmup_steps
+        return min(1.0, self.parts.counters.steps / self.warmup_steps) if self.warmup_steps else 1.0
 
     @property
     def adapters(self) -> nn.ModuleDict:
-        """The ``"feature"`` term's adapters (``"i_j"``: student ``i`` to teacher ``j``); every term's
-        learnable parts are in ``group.terms`` (``group.terms["adm"].adapters``)."""
+        """The ``"feature"`` term's adapters ``"i_j"`` (every term's parts: ``group.terms["adm"]``)."""
         return self.parts.terms["feature"].adapters if "feature" in self.parts.terms else nn.ModuleDict()
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters since construction (reading them syncs with the device): ``steps``,
-        ``teacher_count``, ``switches``, ``nonfinite_count``, ``perturbed_count``, ``perturbed_wins``."""
+        """Counters since construction as Python numbers (reading them syncs with the device)."""
         return self.parts.counters.summary()
 
     alpha = Moved("kl", "weight")
@@ -250,5 +234,20 @@ class CompetitiveGroup:
     def __enter__(self) -> "CompetitiveGroup":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    __exit__ = lambda self, *exc: self.close()  # noqa: E731
+
+
+def _count(counters: Any, teacher: Tensor, nonfinite: Tensor, perturbed: int | None) -> None:
+    """One step into the counters (``parts.counters``), on the device: nothing is read back."""
+    share = (teacher.unsqueeze(-1) == counters.members).float()
+    share = share.mean(0) if share.dim() == 2 else share  # per sample: share of the batch taught
+    counters.teacher_count += share
+    batch_teacher = torch.where(share.sum() > 0, share.argmax(), -1)  # -1: no member could teach
+    last = counters.last_teacher
+    counters.switches += ((batch_teacher != last) & (batch_teacher >= 0) & (last >= 0)).float()
+    counters.last_teacher.copy_(batch_teacher)
+    counters.nonfinite_count += nonfinite.long()
+    if perturbed is not None:
+        counters.perturbed_count[perturbed] += 1
+        counters.perturbed_wins += share[perturbed]
+    counters.steps += 1

@@ -58,13 +58,16 @@ class GroupParts(nn.Module):
             plain reference: they are not part of this module or its state).
         seed (int): seed of the CPU ``torch.Generator`` the perturbation draws come from.
         process_group (ProcessGroup, optional): ranks on which the parts stay identical.
+        example_input (Tensor, optional): inputs to size the parts with now (see ``Members.known_shapes``).
 
     Its state dict holds ``terms.*``, ``counters.*`` and ``_extra_state`` (the generator's state and
     the shapes the terms' parts were built for). Loading it before the parts exist builds them
     first, from those shapes.
     """
 
-    def __init__(self, terms: Sequence[Term], members: Any, seed: int, process_group: Any = None):
+    def __init__(
+        self, terms: Sequence[Term], members: Any, seed: int, process_group: Any = None, example_input: Any = None
+    ):
         super().__init__()
         self.terms = TermList(terms)
         self.counters = GroupStats(len(members))
@@ -73,6 +76,9 @@ class GroupParts(nn.Module):
         self.shapes: Shapes | None = None
         self.members, self.process_group = [members], process_group  # a list: not a submodule
         self.to(members.device)
+        members.needs = sorted({need for term in terms for need in term.needs})
+        if (shapes := members.known_shapes(example_input)) is not None:
+            self.build(shapes)  # else at the start of the first step, from its batch
 
     def build(self, shapes: Shapes) -> None:
         """Create the terms' learnable parts for the members' ``shapes`` and hand each to the optimizer

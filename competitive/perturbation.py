@@ -157,11 +157,8 @@ class PerturbationPool(nn.Module):
         # modules live in a ModuleDict so .to() and state_dict() see them
         self.modules_ = nn.ModuleDict({n: op for n, op in operations.items() if isinstance(op, nn.Module)})
         weights = [1.0] * len(self.names) if weights is None else list(weights)
-        if (
-            len(weights) != len(self.names)
-            or not all(isinstance(w, (int, float)) and w >= 0 and w == w and w != float("inf") for w in weights)
-            or sum(weights) <= 0
-        ):
+        finite = all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights)
+        if len(weights) != len(self.names) or not finite or sum(weights) <= 0:
             raise ValueError(
                 f"Invalid weights {weights}: please provide {len(self.names)} finite, non-negative "
                 "numbers with a positive sum, one per operation."
@@ -240,26 +237,31 @@ class PerturbationPool(nn.Module):
                     out = op(x, y)
             except TypeError as error:
                 raise TypeError(f"Perturbation {name!r} could not be called: {error}. {_EXPECTED[kind]}") from error
-        if kind == "mix":
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
-            out, params = out
-            return out, _soft_labels(y, params.to(x.device), num_classes)
-        if kind == "image":
-            if not isinstance(out, Tensor):
-                raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
-            return out, y
-        if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
+        return _checked(out, x, y, kind, name, num_classes)
+
+
+def _checked(out: object, x: Tensor, y: Tensor, kind: str, name: str, num_classes: int) -> tuple[Tensor, Tensor]:
+    """An operation's output as ``(x', y')``, checked against the batch ``(x, y)`` it got."""
+    if kind == "mix":
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
-        out, y_out = out
-        if out.shape != x.shape or y_out.shape not in (y.shape, (y.shape[0], num_classes)):
-            raise ValueError(
-                f"Perturbation {name!r} returned inputs {list(out.shape)} and targets "
-                f"{list(y_out.shape)}; expected inputs {list(x.shape)} and targets {list(y.shape)} "
-                f"(class indices) or {[y.shape[0], num_classes]} (label rows)."
-            )
-        _check_labels(name, y_out, num_classes)
-        return out, y_out
+        out, params = out
+        return out, _soft_labels(y, params.to(x.device), num_classes)
+    if kind == "image":
+        if not isinstance(out, Tensor):
+            raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
+        return out, y
+    if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
+        raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
+    out, y_out = out
+    if out.shape != x.shape or y_out.shape not in (y.shape, (y.shape[0], num_classes)):
+        raise ValueError(
+            f"Perturbation {name!r} returned inputs {list(out.shape)} and targets "
+            f"{list(y_out.shape)}; expected inputs {list(x.shape)} and targets {list(y.shape)} "
+            f"(class indices) or {[y.shape[0], num_classes]} (label rows)."
+        )
+    _check_labels(name, y_out, num_classes)
+    return out, y_out
 
 
 _EXPECTED = {

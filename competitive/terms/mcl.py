@@ -1,6 +1,22 @@
 """Mutual Contrastive Learning (Yang et al., TPAMI 2023, arXiv 2207.11518), with ``W`` deciding who
 learns from whom. The equations follow the authors' public code (``winycg/MCL``,
-``losses/cifar_sup_mcl_loss.py``); ``rule="mutual"`` with two members gives its loss exactly."""
+``losses/cifar_sup_mcl_loss.py``); ``rule="mutual"`` with two members gives its loss exactly.
+
+With ``z_i`` the normalized embeddings and ``S_ij = z_i z_j^T / tau``, member ``i``'s loss is
+``vcl * VCL_i + sum_j W_ij (icl * ICL_ij + soft_vcl * SoftVCL_ij + soft_icl * SoftICL_ij)``:
+
+- ``VCL_i = SupCon(S_ii)``, ``ICL_ij = SupCon(S_ij)`` (anchors from ``i``, positives: samples
+  of the same class, the diagonal excluded); an anchor without a positive in the batch is left
+  out of the average;
+- ``SoftVCL_ij = T^2 KL(softmax(S_jj / T) || softmax(S_ii / T))`` and
+  ``SoftICL_ij = T^2 KL(softmax(S_ji / T) || softmax(S_ij / T))``, row-wise, batch mean,
+  targets detached.
+
+VCL is the member's own term (every member has it, the teacher too). In ``ICL_ij`` and
+``SoftICL_ij`` a gradient reaches peer ``j``'s embedding only where ``j`` also learns from
+``i`` (``W[j, i] > 0``): under ``rule="best"`` the teacher learns nothing from its students,
+under ``rule="mutual"`` the gradients are the reference code's.
+"""
 
 from collections.abc import Iterator, Sequence
 
@@ -43,6 +59,40 @@ def _soft_kl(student: Tensor, target: Tensor, temperature: float) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1) * temperature**2
 
 
+def _similarities(z: Tensor, shown: Tensor, w: Tensor, eye: Tensor) -> Tensor:
+    """``z_i z_j^T`` for every pair ``[i, j, B, B]``, a gradient reaching row ``b`` of ``z_j`` from
+    member ``i``'s loss only where ``j`` learns from ``i`` (``S_ii`` is the member's own)."""
+    n = z.shape[0]
+    gate = ((w.permute(2, 1, 0) > 0) | eye.unsqueeze(-1)).to(z.dtype)  # [i, j, B] = W[b, j, i] > 0
+    frozen = shown.detach()
+    # the same values as z_j, with the gradient of row b scaled by gate[i, j, b]
+    peers = frozen.unsqueeze(0) + (shown - frozen).unsqueeze(0) * gate.unsqueeze(-1)  # [i, j, B, D]
+    peers = torch.where(eye.view(n, n, 1, 1), z.unsqueeze(0), peers)
+    return torch.einsum("ibd,ijcd->ijbc", z, peers)
+
+
+def _contrastive(s: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``VCL_i`` ``[N]`` and the per-anchor ``ICL_ij`` ``[N, N, B]`` (anchors without a positive left out)."""
+    n, batch = labels.shape
+    positives = labels.view(n, 1, batch, 1) == labels.view(1, n, 1, batch)
+    positives = positives & ~torch.eye(batch, dtype=torch.bool, device=s.device)
+    per_anchor, counts = _supcon(s, positives)  # [N, N, B]
+    valid = counts.to(s.dtype)
+    n_valid = valid.sum(dim=-1).clamp_min(1)  # [N, N]
+    own = (per_anchor.diagonal().transpose(0, 1) * valid.diagonal().transpose(0, 1)).sum(dim=-1)
+    # per-anchor averages, so that sum_b W[b, i, j] * x[i, j, b] / count matches W_ij * mean
+    return own / n_valid.diagonal(), torch.where(valid > 0, per_anchor, 0.0) * batch / n_valid.unsqueeze(-1)
+
+
+def _soft_pairs(s: Tensor, shown: Tensor, tau: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """``SoftVCL_ij`` and ``SoftICL_ij`` for every pair, targets from the finite rows, detached."""
+    s_own = s.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [N, B, B]: S_ii
+    s_shown = torch.einsum("ibd,jcd->ijbc", shown, shown).detach() / tau
+    own_targets = s_shown.diagonal(dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(0)
+    soft_vcl_pair = _soft_kl(s_own.unsqueeze(1), own_targets, temperature)
+    return soft_vcl_pair, _soft_kl(s, s_shown.transpose(0, 1), temperature)  # target S_ji for student S_ij
+
+
 def mcl_loss(
     embeddings: Sequence[Tensor],
     targets: Tensor,
@@ -56,32 +106,11 @@ def mcl_loss(
     soft_icl: float = 1.0,
     teaches: Tensor | None = None,
 ) -> Tensor:
-    """Each member's MCL loss under the distillation matrix ``W``: ``[N]``.
+    """Each member's MCL loss under the distillation matrix ``W``: ``[N]`` (equations: module docstring).
 
-    With ``z_i`` the normalized embeddings and ``S_ij = z_i z_j^T / tau``, member ``i``'s loss is
-    ``vcl * VCL_i + sum_j W_ij (icl * ICL_ij + soft_vcl * SoftVCL_ij + soft_icl * SoftICL_ij)``:
-
-    - ``VCL_i = SupCon(S_ii)``, ``ICL_ij = SupCon(S_ij)`` (anchors from ``i``, positives: samples
-      of the same class, the diagonal excluded); an anchor without a positive in the batch is left
-      out of the average;
-    - ``SoftVCL_ij = T^2 KL(softmax(S_jj / T) || softmax(S_ii / T))`` and
-      ``SoftICL_ij = T^2 KL(softmax(S_ji / T) || softmax(S_ij / T))``, row-wise, batch mean,
-      targets detached.
-
-    VCL is the member's own term (every member has it, the teacher too). In ``ICL_ij`` and
-    ``SoftICL_ij`` a gradient reaches peer ``j``'s embedding only where ``j`` also learns from
-    ``i`` (``W[j, i] > 0``): under ``rule="best"`` the teacher learns nothing from its students,
-    under ``rule="mutual"`` the gradients are the reference code's.
-
-    Args:
-        embeddings (sequence of Tensor): ``N`` L2-normalized ``[B, D]`` head outputs.
-        targets (Tensor): class indices ``[B]``, or one row of them per member ``[N, B]``.
-        weights (Tensor): ``W``, ``[N, N]`` or ``[B, N, N]``.
-        tau (float): contrastive temperature. Default: 0.1.
-        temperature (float): ``T`` of the soft terms. Default: 3.
-        vcl, soft_vcl, icl, soft_icl (float): the four weights. Defaults: 0.1, 1, 0.1, 1.
-        teaches (BoolTensor, optional): ``[N, B]``; rows that are False are never a target or a
-            contrast (they count as zero embeddings there). Default: every finite row.
+    ``embeddings``: ``N`` normalized ``[B, D]``; ``targets``: ``[B]`` or ``[N, B]``; ``tau``: the
+    contrastive temperature; ``temperature``: ``T``; ``vcl`` ... ``soft_icl``: the four weights;
+    ``teaches``: ``[N, B]``, rows never a target or contrast where False (default: finite rows).
 
     Example:
         >>> z = [F.normalize(torch.randn(8, 4), dim=1) for _ in range(2)]
@@ -98,29 +127,10 @@ def mcl_loss(
         teaches = torch.isfinite(z).all(dim=-1)
     # what a peer shows as a target or a contrast: finite rows only
     shown = torch.where(teaches.unsqueeze(-1), z, 0.0)
-    # gate[i, j, b]: a gradient reaches row b of z_j from member i's loss only if j learns from i
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    gate = ((w.permute(2, 1, 0) > 0) | eye.unsqueeze(-1)).to(z.dtype)  # [i, j, B] = W[b, j, i] > 0
-    frozen = shown.detach()
-    # the same values as z_j, with the gradient of row b scaled by gate[i, j, b]
-    peers = frozen.unsqueeze(0) + (shown - frozen).unsqueeze(0) * gate.unsqueeze(-1)  # [i, j, B, D]
-    peers = torch.where(eye.view(n, n, 1, 1), z.unsqueeze(0), peers)  # S_ii is the member's own
-    s = torch.einsum("ibd,ijcd->ijbc", z, peers) / tau  # [i, j, B, B]: S_ij
-    positives = labels.view(n, 1, batch, 1) == labels.view(1, n, 1, batch)
-    positives = positives & ~torch.eye(batch, dtype=torch.bool, device=z.device)
-    per_anchor, counts = _supcon(s, positives)  # [N, N, B]
-    valid = counts.to(z.dtype)
-    n_valid = valid.sum(dim=-1).clamp_min(1)  # [N, N]
-    own = (per_anchor.diagonal().transpose(0, 1) * valid.diagonal().transpose(0, 1)).sum(dim=-1)
-    vcl_i = own / n_valid.diagonal()
-    # per-anchor averages, so that sum_b W[b, i, j] * x[i, j, b] / count matches W_ij * mean
-    icl_pair = torch.where(valid > 0, per_anchor, 0.0) * batch / n_valid.unsqueeze(-1)
-    s_own = s.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [N, B, B]: S_ii
-    s_shown = torch.einsum("ibd,jcd->ijbc", shown, shown).detach() / tau  # targets from finite rows
-    soft_vcl_pair = _soft_kl(
-        s_own.unsqueeze(1), s_shown.diagonal(dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(0), temperature
-    )
-    soft_icl_pair = _soft_kl(s, s_shown.transpose(0, 1), temperature)  # target S_ji for student S_ij
+    s = _similarities(z, shown, w, eye) / tau  # [i, j, B, B]: S_ij
+    vcl_i, icl_pair = _contrastive(s, labels)
+    soft_vcl_pair, soft_icl_pair = _soft_pairs(s, shown, tau, temperature)
     peer = weighted(weights, icl * icl_pair + soft_vcl * soft_vcl_pair + soft_icl * soft_icl_pair)
     return vcl * vcl_i + peer
 
