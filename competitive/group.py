@@ -1,6 +1,7 @@
 """``CompetitiveGroup`` (paper §3): a composite of small owners that runs one step through them: the
 pool draws, the members forward, the step math computes, the counters record, the members step."""
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -10,12 +11,14 @@ from torch import Tensor, nn
 from . import _validation as check
 from ._deprecated import Moved, forward_deprecated
 from .distributed import default_seed, global_mean
+from .features import HookSpec
 from .losses import step_losses
 from .members import Members
 from .memory import keep_freed_memory
 from .parts import GroupParts
+from .perturbation import PerturbationPool
 from .result import StepResult
-from .terms import resolve_terms
+from .terms import Term, resolve_terms
 
 
 class CompetitiveGroup:
@@ -67,25 +70,25 @@ class CompetitiveGroup:
 
     def __init__(
         self,
-        models,
-        optimizers,
+        models: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer | None],
         *,
-        feature_hooks=None,
-        embedding_hooks=None,
-        terms=None,
-        rule="best",
-        granularity="batch",
-        warmup_steps=150,
-        fixed_teacher=None,
-        logits_from=None,
-        perturbation=None,
-        seed=None,
-        compile=False,
-        skip_nonfinite=False,
-        autocast_dtype=None,
-        example_input=None,
-        process_group=None,
-        keep_cpu_memory=True,
+        feature_hooks: Sequence[HookSpec] | None = None,
+        embedding_hooks: Sequence[HookSpec] | None = None,
+        terms: Sequence[str | Term] | None = None,
+        rule: str = "best",
+        granularity: str = "batch",
+        warmup_steps: int = 150,
+        fixed_teacher: int | None = None,
+        logits_from: Any = None,
+        perturbation: PerturbationPool | None = None,
+        seed: int | None = None,
+        compile: bool | dict[str, Any] = False,
+        skip_nonfinite: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        example_input: Tensor | None = None,
+        process_group: Any = None,
+        keep_cpu_memory: bool = True,
         **deprecated: Any,
     ):
         self.members = Members(
@@ -93,6 +96,7 @@ class CompetitiveGroup:
         )
         n = len(self.members)
         c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n)
+        # c: the torch.compile options of the step math, None for eager
         settings = forward_deprecated(deprecated, perturbation, terms, terms is None and feature_hooks is None)
         self.seed = seed if seed is not None else default_seed(process_group)
         terms = resolve_terms(terms, feature_hooks, embedding_hooks, settings)

@@ -74,7 +74,7 @@ class GroupParts(nn.Module):
         self.generator = torch.Generator()  # on the CPU, whatever .to() moves: draws never sync a device
         self.generator.manual_seed(seed)
         self.shapes: Shapes | None = None
-        self.members, self.process_group = [members], process_group  # a list: not a submodule
+        self.members, self.process_group = members, process_group  # a plain reference, not in the state
         self.to(members.device)
         members.needs = sorted({need for term in terms for need in term.needs})
         if (shapes := members.known_shapes(example_input)) is not None:
@@ -83,7 +83,7 @@ class GroupParts(nn.Module):
     def build(self, shapes: Shapes) -> None:
         """Create the terms' learnable parts for the members' ``shapes`` and hand each to the optimizer
         of the member whose loss trains it."""
-        members = self.members[0]
+        members = self.members
         check.check_no_scheduler_yet(members.optimizers, self.terms, shapes)
         for term in self.terms:
             if term.needs:

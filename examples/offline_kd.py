@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SmallCNN, SmallMLP, synthetic_cifar  # noqa: E402
 
-from competitive import CompetitiveGroup  # noqa: E402
+from competitive import KL, CompetitiveGroup  # noqa: E402
 
 
 def pretrain_teacher(loader, epochs: int, path: Path) -> None:
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         [teacher, student],
         [None, torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)],
         fixed_teacher=0,
-        temperature=4.0,
+        terms=[KL(temperature=4.0)],  # each term holds its own settings
         warmup_steps=0,
     )
     frozen = [p.clone() for p in teacher.parameters()]

@@ -15,7 +15,7 @@ import torch._dynamo
 from conftest import CUDA
 from reference import tiny_cnn
 
-from competitive import CompetitiveGroup, PerturbationPool, group_loss
+from competitive import KL, CompetitiveGroup, FeatureL2, PerturbationPool, group_loss
 
 
 def _members(n=3, dtype=torch.float32, device="cpu"):
@@ -51,7 +51,8 @@ def test_compiled_group_matches_eager_over_steps(rule, granularity, compile):
     models, optimizers = _members()
     eager_models = copy.deepcopy(models)
     eager_optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in eager_models]
-    settings = dict(rule=rule, granularity=granularity, feature_hooks=["1"] * 3, temperature=2.0, beta=0.5)
+    terms = [KL(temperature=2.0), FeatureL2(0.5)]
+    settings = dict(rule=rule, granularity=granularity, feature_hooks=["1"] * 3, terms=terms)
     # members of other widths: the feature loss goes through adapters, made equal in both groups
     example = _batch(0)[0]
     compiled = CompetitiveGroup(models, optimizers, compile=compile, example_input=example, **settings)

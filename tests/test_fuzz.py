@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from competitive import CompetitiveGroup
+from competitive import KL, CompetitiveGroup, FeatureL2
 from competitive.selection import GRANULARITIES, RULES
 
 
@@ -59,14 +59,13 @@ def test_public_api_raises_only_documented_errors(
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in members]
     valid = rule in RULES and all(math.isfinite(v) and v >= 0 for v in (alpha, beta)) and temperature > 0
     try:
+        kl, feature = KL(alpha, temperature=temperature), FeatureL2(beta)
         group = CompetitiveGroup(
             members,
             optimizers,
             rule=rule,
             granularity=granularity,
-            alpha=alpha,
-            beta=beta,
-            temperature=temperature,
+            terms=[kl, feature] if hooks else [kl],
             feature_hooks=["feat"] * n if hooks else None,
         )
     except ValueError as error:

@@ -6,7 +6,7 @@ import torch
 from reference import reference_step, tiny_cnn
 from torch import nn
 
-from competitive import CompetitiveGroup, StepResult
+from competitive import KL, CompetitiveGroup, FeatureL2, StepResult
 
 
 def _pair(dtype=torch.float64, lr=0.05, n=2, classes=5):
@@ -32,8 +32,15 @@ def test_fifty_steps_match_the_reference(rule, granularity, hooks):
         torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in ref_models
     ]
     settings = dict(rule=rule, granularity=granularity, alpha=1.0, beta=0.5, temperature=2.0)
+    terms = [KL(1.0, temperature=2.0)] + ([] if hooks is None else [FeatureL2(0.5)])
     group = CompetitiveGroup(
-        models, optimizers, feature_hooks=None if hooks is None else [hooks] * 3, warmup_steps=0, **settings
+        models,
+        optimizers,
+        feature_hooks=None if hooks is None else [hooks] * 3,
+        warmup_steps=0,
+        terms=terms,
+        rule=rule,
+        granularity=granularity,
     )
     feature_modules = None if hooks is None else [m.get_submodule(hooks) for m in ref_models]
     teachers = set()

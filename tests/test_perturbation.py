@@ -169,7 +169,8 @@ def test_the_pool_owns_p_and_perturbs_about_a_tenth_of_the_steps_by_default():
     members = [nn.Linear(4, 3) for _ in range(2)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in members]
     with pytest.raises(ValueError, match=r"perturb_prob=0.3 sets the perturbation pool's p, but the pool sets p=0.5"):
-        CompetitiveGroup(members, opts, perturbation=PerturbationPool(p=0.5), perturb_prob=0.3)
+        with pytest.warns(DeprecationWarning, match="perturb_prob"):
+            CompetitiveGroup(members, opts, perturbation=PerturbationPool(p=0.5), perturb_prob=0.3)
     group = CompetitiveGroup(members, opts, perturbation=PerturbationPool(p=0.5))
     with pytest.raises(AttributeError, match=r"group.perturb_prob is read-only: set the pool's p"):
         group.perturb_prob = 0.2

@@ -302,12 +302,17 @@ def test_images_the_default_pool_cannot_handle_are_refused_at_the_first_step():
 )
 def test_settings_are_validated_by_name(kwargs, error, match):
     with pytest.raises(error, match=match):
-        _group(**kwargs)
+        if "alpha" in kwargs:  # a deprecated argument: its warning comes first
+            with pytest.warns(DeprecationWarning, match="alpha"):
+                _group(**kwargs)
+        else:
+            _group(**kwargs)
 
 
 @pytest.mark.parametrize("value", [np.float64(0.5), np.float32(2.0), np.int64(1), torch.tensor(0.5)])
 def test_numpy_and_0d_tensor_scalars_are_accepted(value):
-    group, _, _ = _group(alpha=value, beta=value, temperature=value, warmup_steps=0)
+    with pytest.warns(DeprecationWarning):  # the deprecated arguments, forwarded to the kl term
+        group, _, _ = _group(alpha=value, beta=value, temperature=value, warmup_steps=0)
     assert group.alpha == float(value) and isinstance(group.alpha, float)
     assert group.terms[0].temperature == float(value)
 
@@ -420,7 +425,7 @@ models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6
 optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
 group = CompetitiveGroup(models, optimizers, perturbation=PerturbationPool(), warmup_steps=0)
 draws = []
-for _ in range(6):
+for _ in range(20):
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
     result = group.step((x, y))
     draws.append((result.perturbed, result.perturbation))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from competitive import CompetitiveGroup
+from competitive import KL, CompetitiveGroup
 
 
 def _models(n=2, classes=3):
@@ -95,10 +95,12 @@ def test_hooks_must_be_all_or_none():
 @pytest.mark.parametrize("name", ["alpha", "beta"])
 @pytest.mark.parametrize("value", [-0.5, math.nan, math.inf])
 def test_alpha_beta_negative_or_non_finite(name, value):
+    # the deprecated group arguments: a warning, then the same check as the terms' own
     with pytest.raises(
         ValueError, match=rf"Invalid {name} value {value!r} provided\. Please provide a finite value >= 0"
     ):
-        _group(**{name: value})
+        with pytest.warns(DeprecationWarning, match=name):
+            _group(**{name: value})
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan])
@@ -106,7 +108,10 @@ def test_temperature_must_be_positive(value):
     with pytest.raises(
         ValueError, match=rf"Invalid temperature value {value!r} provided\. Please provide a finite value > 0"
     ):
-        _group(temperature=value)
+        with pytest.warns(DeprecationWarning, match="temperature"):
+            _group(temperature=value)
+    with pytest.raises(ValueError, match=rf"Invalid temperature value {value!r} provided"):
+        KL(temperature=value)
 
 
 def test_unknown_rule_or_granularity():
