@@ -7,11 +7,25 @@ from .members import Members
 from .parts import GroupParts, TermList
 from .perturbation import PerturbationPool, default_operations
 from .result import StepResult
-from .terms import ADM, KL, MCL, TERMS, FeatureL2, ProjectionHead, StepOutputs, Term, adm_loss, mcl_loss, register_term
+from .terms import (
+    ADM,
+    CWD,
+    KL,
+    MCL,
+    TERMS,
+    FeatureL2,
+    ProjectionHead,
+    StepOutputs,
+    Term,
+    adm_loss,
+    mcl_loss,
+    register_term,
+)
 from .terms.adapters import FeatureAdapter
 
 __all__ = [
     "ADM",
+    "CWD",
     "KL",
     "MCL",
     "CompetitiveGroup",

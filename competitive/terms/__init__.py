@@ -6,12 +6,14 @@ name to its class, so a group accepts ``terms=["kl", "my_term"]``.
 
 from .adm import ADM, adm_loss
 from .base import TERMS, StepOutputs, Term, register_term, resolve_terms
+from .cwd import CWD, cwd_term
 from .feature import FeatureL2
 from .kl import KL
 from .mcl import MCL, ProjectionHead, mcl_loss
 
 __all__ = [
     "ADM",
+    "CWD",
     "KL",
     "MCL",
     "TERMS",
@@ -20,6 +22,7 @@ __all__ = [
     "StepOutputs",
     "Term",
     "adm_loss",
+    "cwd_term",
     "mcl_loss",
     "register_term",
     "resolve_terms",

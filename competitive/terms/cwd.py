@@ -1,0 +1,92 @@
+"""``cwd``: channel-wise distillation (Shu et al., ICCV 2021, arXiv 2011.13256), with ``W`` deciding
+who learns from whom.
+
+Each channel of a map ``[B, C, H, W]`` becomes a distribution over its ``H x W`` positions,
+``phi(x_c) = softmax(x_c / tau)``, and the student matches the teacher's channel by channel:
+``tau^2 / C * sum_c KL(phi(T_c) || phi(S_c))``, averaged over the batch, the teacher detached. This is
+mmrazor's ``ChannelWiseDivergence.forward`` (``mmrazor/models/losses/cwd.py``; defaults ``tau=1``,
+weight 1; its segmentation configs weigh the decode head's logits by 5) for each pair with
+``W_ij > 0``, weighted by ``W`` as every term. It reads the hooked feature maps; maps of different
+shapes go through adapters, as the ``feature`` term's.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_real
+from .base import StepOutputs, register_term, upcast, weighted
+from .feature import Adapted, sample_mask
+
+
+def _channel_kl(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """``tau^2 / C * sum_c KL(softmax(T_c / tau) || softmax(S_c / tau))`` per sample ``[B]``; maps
+    ``[B, C, ...]`` with the positions flattened (a ``[B, C]`` map is one position per channel)."""
+    s = upcast(student).flatten(2) / tau  # [B, C, P]
+    t = upcast(teacher).flatten(2) / tau
+    log_t = t.log_softmax(dim=-1)
+    kl = (log_t.exp() * (log_t - s.log_softmax(dim=-1))).sum(dim=-1)  # [B, C]
+    return kl.mean(dim=-1) * tau**2
+
+
+def cwd_term(
+    features: Sequence[Tensor],
+    teaches: Tensor,
+    weights: Tensor,
+    adapters: nn.ModuleDict | None = None,
+    tau: float = 1.0,
+) -> Tensor:
+    """Each member's channel-wise divergence from its teachers under ``W``: ``[N]``.
+
+    Args:
+        features (sequence of Tensor): ``N`` maps ``[B, C, H, W]``.
+        teaches (BoolTensor): ``[N, B]``; a member's samples where it is False are never a target.
+        weights (Tensor): ``W``, ``[N, N]`` or ``[B, N, N]``.
+        adapters (nn.ModuleDict, optional): ``"i_j"`` -> module mapping ``F_i`` to ``F_j``'s shape.
+        tau (float): the softmax temperature over positions. Default: 1.
+    """
+    n, batch = len(features), features[0].shape[0]
+    targets = [torch.where(sample_mask(teaches[j], f), f.detach(), 0.0) for j, f in enumerate(features)]
+    rows = []
+    for i in range(n):
+        row = []
+        for j in range(n):
+            if i == j:
+                row.append(upcast(features[i].new_zeros(batch)))
+                continue
+            key = f"{i}_{j}"
+            student = adapters[key](upcast(features[i])) if adapters is not None and key in adapters else features[i]
+            row.append(_channel_kl(student, targets[j], tau))
+        rows.append(torch.stack(row))
+    return weighted(weights, torch.stack(rows))  # [N, N, B]: member i towards member j
+
+
+@register_term("cwd")
+class CWD(Adapted):
+    """Channel-wise distillation on feature maps, ``tau^2 / C * sum_c KL(phi(T_c) || phi(S_c))``.
+
+    Args:
+        weight (float): the term's weight. Default: 1.
+        tau (float): temperature of the softmax over each channel's positions. Default: 1.
+
+    Example:
+        >>> from competitive.terms import StepOutputs
+        >>> f = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)]
+        >>> z = torch.zeros(2, 2, 5)
+        >>> out = StepOutputs(list(z), z, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.bool), f)
+        >>> value = CWD(tau=4.0)(out, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))  # member 0 teaches 1
+        >>> bool(value[0] == 0 and value[1] > 0)
+        True
+    """
+
+    def __init__(self, weight: float = 1.0, *, tau: float = 1.0):
+        super().__init__(weight)
+        self.tau = check_real("tau", tau, positive=True, owner="cwd")
+
+    def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
+        adapters = self.adapters if len(self.adapters) else None
+        return cwd_term(outputs.features, outputs.teaches, weights, adapters, tau=self.tau)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, tau={self.tau}"
