@@ -69,6 +69,14 @@ class GroupParts(nn.Module):
         self, terms: Sequence[Term], members: Any, seed: int, process_group: Any = None, example_input: Any = None
     ):
         super().__init__()
+        taken = [term.name for term in terms if getattr(term, "in_group", False)]
+        if taken:
+            raise ValueError(
+                f"The terms {taken} already belong to another group (their parts train there); give each "
+                "group its own Term instances."
+            )
+        for term in terms:
+            term.in_group = True
         self.terms = TermList(terms)
         self.counters = GroupStats(len(members))
         self.generator = torch.Generator()  # on the CPU, whatever .to() moves: draws never sync a device

@@ -57,6 +57,15 @@ def test_a_registered_term_can_be_named_in_terms():
         register_term("my term")
 
 
+def test_a_term_instance_belongs_to_one_group():
+    models, optimizers = _members((4, 6))
+    kl = KL(0.5)
+    CompetitiveGroup(models, optimizers, terms=[kl])
+    others, other_optimizers = _members((4, 6))
+    with pytest.raises(ValueError, match=r"The terms \['kl'\] already belong to another group"):
+        CompetitiveGroup(others, other_optimizers, terms=[kl])
+
+
 def test_every_terms_parts_have_one_way_in():
     models, optimizers = _members()
     group = CompetitiveGroup(
