@@ -1,6 +1,7 @@
 """The group's settings that moved to the objects they configure (0.4.0): ``alpha``, ``temperature``
 (the ``KL`` term's), ``beta`` (``FeatureL2``'s) and ``perturb_prob`` (the pool's ``p``). Passed to
-the group they still work, with a ``DeprecationWarning``, and read back as read-only properties."""
+the group they still work, with a ``DeprecationWarning``, and read back as read-only properties;
+and the settings fixed when the group is built (``rule``, ``granularity``, ``fixed_teacher``)."""
 
 import warnings
 from typing import Any
@@ -72,3 +73,17 @@ class Moved:
     def __set__(self, group: Any, value: Any) -> None:
         where = "the pool's p" if self.owner is None else f"group.terms[{self.owner!r}].{self.attribute}"
         raise AttributeError(f"group.{self.name} is read-only: set {where} (the object that owns it).")
+
+
+class Fixed:
+    """A setting the group's step math was built with (``rule``, ``granularity``, ``fixed_teacher``):
+    readable, and fixed for the group's life (assigning raises rather than doing nothing)."""
+
+    def __set_name__(self, cls: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, group: Any, cls: type | None = None) -> Any:
+        return self if group is None else group.loss_fn.keywords[self.name]
+
+    def __set__(self, group: Any, value: Any) -> None:
+        raise AttributeError(f"group.{self.name} is fixed when the group is built; build a new group for another.")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validation as check
-from ._deprecated import Moved, forward_deprecated
+from ._deprecated import Fixed, Moved, forward_deprecated
 from .distributed import default_seed, global_mean
 from .features import HookSpec
 from .losses import step_losses
@@ -102,7 +102,6 @@ class CompetitiveGroup:
         terms = resolve_terms(terms, feature_hooks, embedding_hooks, settings)
         self.parts = GroupParts(terms, self.members, self.seed, process_group, example_input)
         self.perturbation, self.process_group = perturbation, process_group
-        self.rule, self.granularity, self.fixed_teacher = rule, granularity, fixed_teacher
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
         reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank
         kwargs = dict(rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher)
@@ -201,6 +200,7 @@ class CompetitiveGroup:
         """Counters since construction as Python numbers (reading them syncs with the device)."""
         return self.parts.counters.summary()
 
+    rule, granularity, fixed_teacher = Fixed(), Fixed(), Fixed()  # fixed when built
     alpha = Moved("kl", "weight")
     beta = Moved("feature", "weight")
     temperature = Moved("kl", "temperature")

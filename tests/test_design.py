@@ -197,6 +197,9 @@ def test_deprecated_settings_warn_forward_and_read_back():
     with pytest.warns(DeprecationWarning, match="beta"):
         group = CompetitiveGroup(models, optimizers, feature_hooks=["1"] * 3, beta=0.25)
     assert isinstance(group.terms["feature"], FeatureL2) and group.beta == 0.25
+    assert group.rule == "best" and group.granularity == "batch" and group.fixed_teacher is None
+    with pytest.raises(AttributeError, match=r"group.rule is fixed when the group is built"):
+        group.rule = "mutual"  # the step math was built with "best": assigning must not pretend
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['gamma'\]"):
         CompetitiveGroup(models, optimizers, gamma=1.0)
 
