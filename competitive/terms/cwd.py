@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .._validation import check_real
 from .base import StepOutputs, register_term, upcast, weighted
-from .feature import Adapted, sample_mask
+from .feature import Adapted, pairs, sample_mask
 
 
 def _channel_kl(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
@@ -46,20 +46,9 @@ def cwd_term(
         adapters (nn.ModuleDict, optional): ``"i_j"`` -> module mapping ``F_i`` to ``F_j``'s shape.
         tau (float): the softmax temperature over positions. Default: 1.
     """
-    n, batch = len(features), features[0].shape[0]
     targets = [torch.where(sample_mask(teaches[j], f), f.detach(), 0.0) for j, f in enumerate(features)]
-    rows = []
-    for i in range(n):
-        row = []
-        for j in range(n):
-            if i == j:
-                row.append(upcast(features[i].new_zeros(batch)))
-                continue
-            key = f"{i}_{j}"
-            student = adapters[key](upcast(features[i])) if adapters is not None and key in adapters else features[i]
-            row.append(_channel_kl(student, targets[j], tau))
-        rows.append(torch.stack(row))
-    return weighted(weights, torch.stack(rows))  # [N, N, B]: member i towards member j
+    pair = pairs(features, targets, adapters, lambda student, target: _channel_kl(student, target, tau))
+    return weighted(weights, pair)  # pair [N, N, B]: member i towards member j
 
 
 @register_term("cwd")

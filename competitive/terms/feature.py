@@ -1,12 +1,12 @@
 """``L_F``: the student imitates its teachers' feature maps, FitNets-style (paper Eq. 10)."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .adapters import build_adapters
-from .base import StepOutputs, Term, per_sample, register_term, upcast
+from .base import StepOutputs, Term, per_sample, register_term, upcast, weighted
 
 
 def sample_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -18,8 +18,7 @@ def feature_term(
     features: Sequence[Tensor], teaches: Tensor, weights: Tensor, adapters: nn.ModuleDict | None = None
 ) -> Tensor:
     """``sum_j W_ij * mean((A_ij(F_i) - F_j)^2)`` per member, averaged over the batch: ``[N]``."""
-    n, batch = len(features), features[0].shape[0]
-    w = per_sample(weights, batch)  # [B, N, N]
+    w = per_sample(weights, features[0].shape[0])  # [B, N, N]
     # the teacher's target carries no gradient; a member that cannot teach contributes zeros
     targets = [torch.where(sample_mask(teaches[j], f), f.detach(), 0.0) for j, f in enumerate(features)]
     if all(f.shape == features[0].shape for f in features) and not adapters:
@@ -33,6 +32,19 @@ def feature_term(
         s = w.sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # [N, B, 1]
         spread = torch.einsum("bij,jbd->ibd", w, t.square()) - s * g.square()
         return ((s * f - g).square() + spread.clamp_min(0.0)).mean(dim=-1).mean(dim=1)
+    pair = pairs(features, targets, adapters, lambda s, t: (upcast(s) - upcast(t)).square().flatten(1).mean(dim=1))
+    return weighted(weights, pair)
+
+
+def pairs(
+    features: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    adapters: nn.ModuleDict | None,
+    value: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """``[N, N, B]``: ``value(A_ij(F_i), T_j)`` per sample for every student ``i`` and teacher ``j``
+    (``A_ij`` the adapter where the shapes differ), 0 on the diagonal."""
+    n, batch = len(features), features[0].shape[0]
     rows = []
     for i in range(n):
         row = []
@@ -42,12 +54,9 @@ def feature_term(
                 continue
             key = f"{i}_{j}"
             student = adapters[key](upcast(features[i])) if adapters is not None and key in adapters else features[i]
-            diff = upcast(student) - upcast(targets[j])
-            row.append(diff.square().flatten(1).mean(dim=1))
+            row.append(value(student, targets[j]))
         rows.append(torch.stack(row))  # [N, B]
-    pair = torch.stack(rows)  # [N, N, B]: member i towards member j
-    wt = w.permute(1, 2, 0).to(pair.dtype)
-    return torch.where(wt > 0, wt * pair, 0.0).sum(dim=1).mean(dim=-1)
+    return torch.stack(rows)
 
 
 class Adapted(Term):
