@@ -102,9 +102,9 @@ class Members:
             pool.check(x, y, num_classes=num_classes)
         targets = y.to(devices[0])
         if member is not None:
-            x_p, y_p = pool.perturb(draw.index, x.to(devices[member]), y.to(devices[member]), seed=draw.seed,
-                                    num_classes=num_classes)  # fmt: skip
-            logits.insert(member, self._forward(member, x_p, devices[member]))
+            on = devices[member]
+            x_p, y_p = pool.perturb(draw.index, x.to(on), y.to(on), seed=draw.seed, num_classes=num_classes)
+            logits.insert(member, self._forward(member, x_p, on))
             num_classes = check_logits(logits, x.shape[0], list(range(n)))
             targets = member_targets(targets, y_p.to(devices[0]), member, n, num_classes)
         return self._inputs(logits, targets, devices[0], Cut(n) if cut else None)
