@@ -14,7 +14,7 @@ from torch import nn
 from competitive import CompetitiveGroup, PerturbationPool, Term
 from competitive.terms.base import weighted
 
-TERMS = ["kl", "feature", "mcl", "adm"]
+TERMS = ["kl", "feature", "mcl", "adm", "cwd"]
 
 
 def _models(widths=(4, 6, 5)):
@@ -37,13 +37,9 @@ def _group(models, seed=0, **kwargs):
 
 
 def _learnable(group):
-    """The terms' learnable parts by name: each MCL head, each feature and ADM adapter."""
-    kl, feature, mcl, adm = group.terms
-    return {
-        **{f"mcl.{i}": h for i, h in enumerate(mcl.heads)},
-        **{f"feature.{k}": a for k, a in feature.adapters.items()},
-        **{f"adm.{k}": a for k, a in adm.adapters.items()},
-    }
+    """The terms' learnable parts by name: each MCL head, each feature, ADM and CWD adapter."""
+    adapters = {f"{t}.{k}": a for t in ("feature", "adm", "cwd") for k, a in group.terms[t].adapters.items()}
+    return {**{f"mcl.{i}": h for i, h in enumerate(group.terms["mcl"].heads)}, **adapters}
 
 
 def _batch(k, batch=8):
