@@ -66,8 +66,8 @@ def main():
         tasks[name] = (lambda i: lambda: pool.perturb(i, x, y, seed=1, num_classes=10))(index)
 
     def pool_step():
-        index, seed = pool.draw(generator)
-        pool.perturb(index, x, y, seed=seed, num_classes=10)
+        draw = pool.draw(generator, 2, x)  # whether it perturbs aside: the operation is always applied here
+        pool.perturb(draw.index, x, y, seed=draw.seed, num_classes=10)
 
     tasks["pool (draw + apply)"] = pool_step
     times = {k: [] for k in tasks}

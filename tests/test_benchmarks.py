@@ -90,3 +90,19 @@ def test_class_balanced_batches_give_every_anchor_positives():
         assert all(c % 4 == 0 for c in torch.bincount(y, minlength=10).tolist())
     seen = torch.cat(batches)
     assert len(seen.unique()) == 10 and len(torch.cat([b for b in batches])) <= 400
+
+
+def test_perturbation_benchmark_runs_the_pool_as_the_group_does(tmp_path, monkeypatch):
+    import json
+
+    import perturb
+
+    threads = torch.get_num_threads()
+    args = ["perturb.py", "--device", "cpu", "--model", "resnet8", "--batch", "4", "--warmup", "0", "--steps", "1"]
+    monkeypatch.setattr(sys, "argv", [*args, "--out", str(tmp_path)])
+    try:
+        perturb.main()
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(next(tmp_path.glob("perturb-*.json")).read_text())
+    assert "pool (draw + apply)" in json.dumps(rows) and "mixup" in json.dumps(rows)
