@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv on first use, then runs one of:
-#   bash run.sh test      the test suite (and ruff)
+#   bash run.sh test      ruff, mypy --strict on the library, then the test suite
 #   bash run.sh main      a short competitive run against the baselines on CIFAR-10, on the CPU
 #   bash run.sh <script>  any python command inside the venv, e.g. bash run.sh benchmarks/step.py
 set -euo pipefail
@@ -20,6 +20,7 @@ shift || true
 case "$cmd" in
   test)
     "$PY" -m ruff check competitive tests benchmarks examples
+    "$PY" -m mypy --strict competitive
     "$PY" -m pytest "$@"
     ;;
   main)

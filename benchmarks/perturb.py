@@ -67,7 +67,7 @@ def main():
 
     def pool_step():
         draw = pool.draw(generator, 2, x)  # whether it perturbs aside: the operation is always applied here
-        pool.perturb(draw.index, x, y, seed=draw.seed, num_classes=10)
+        pool.perturb(draw.operation, x, y, seed=draw.seed, num_classes=10)
 
     tasks["pool (draw + apply)"] = pool_step
     times = {k: [] for k in tasks}

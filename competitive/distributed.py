@@ -21,12 +21,14 @@ def global_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Te
     # functional collectives trace into a torch.compile graph and do not block the host
     from torch.distributed import _functional_collectives as funcol
 
-    group = group if group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
+    ranks = group if group is not None else dist.group.WORLD
+    assert ranks is not None, "an initialized process group has a WORLD group"
+    world = dist.get_world_size(ranks)
 
     def mean(x: Tensor) -> Tensor:
         # a sum, then a division: gloo has no "avg" reduction
-        return funcol.all_reduce(x, "sum", group) / world
+        total: Tensor = funcol.all_reduce(x, "sum", ranks)
+        return total / world
 
     return mean
 
@@ -68,8 +70,9 @@ def share_parameters(module: nn.Module, group: dist.ProcessGroup | None = None) 
             dist.broadcast(p.data, src=source, group=group)
 
         def average(param: Tensor) -> None:
-            dist.all_reduce(param.grad, group=group)
-            param.grad.div_(world)
+            if param.grad is not None:  # the hook runs after accumulation: there is a gradient
+                dist.all_reduce(param.grad, group=group)
+                param.grad.div_(world)
 
-        p.register_post_accumulate_grad_hook(average)
-        p._competitive_shared = True
+        p.register_post_accumulate_grad_hook(average)  # type: ignore[no-untyped-call]  # unannotated in torch
+        p._competitive_shared = True  # type: ignore[attr-defined]  # our marker: hooks are added once

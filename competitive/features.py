@@ -4,7 +4,7 @@ were built for), the batch, the logits and the targets. The adapters that bridge
 different shapes are the terms' (:mod:`competitive.terms.adapters`)."""
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,11 +14,13 @@ HookSpec = str | nn.Module | None
 
 def _unwrap(model: nn.Module) -> nn.Module:
     # DistributedDataParallel keeps the user's model in .module, torch.compile in ._orig_mod
-    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    ):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def resolve_hooks(
@@ -65,8 +67,8 @@ class FeatureCapture:
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules) if m is not None]
         self.enabled = bool(self.handles)
 
-    def _hook(self, i: int):
-        def hook(module, inputs, output):
+    def _hook(self, i: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.linear_input and isinstance(module, nn.Linear):
                 value = inputs[0]
             else:
@@ -80,7 +82,7 @@ class FeatureCapture:
     def static_shapes(self) -> list[tuple[int, ...]] | None:
         """Shapes known without a forward: every hook on an ``nn.Linear`` read at its input."""
         if self.linear_input and self.enabled and all(isinstance(m, nn.Linear) for m in self.modules):
-            return [(m.in_features,) for m in self.modules]
+            return [(m.in_features,) for m in self.modules if isinstance(m, nn.Linear)]
         return None
 
     def take(self, argument: str) -> list[Tensor]:
@@ -92,7 +94,7 @@ class FeatureCapture:
                 f"{argument} of members {missing} did not fire (or returned no tensor) in this forward; hook a "
                 "module that runs in every forward."
             )
-        return values
+        return cast(list[Tensor], values)
 
     def clear(self) -> None:
         self.values = [None] * len(self.values)
@@ -123,6 +125,7 @@ LogitsSpec = str | int | Callable[[Any], Tensor] | None
 def extract_logits(output: Any, spec: LogitsSpec, *, member: int) -> Tensor:
     """The logits in a member's output: ``spec`` is a key / attribute, a tuple index or a callable;
     None takes a tensor as it is, or the ``.logits`` of a (HuggingFace-style) output object."""
+    # what is found is checked by check_logits, naming the member, if it is not a tensor [B, C]
     if callable(spec):
         return spec(output)
     if spec is None:
@@ -130,12 +133,12 @@ def extract_logits(output: Any, spec: LogitsSpec, *, member: int) -> Tensor:
             return output
         spec = "logits"
     if isinstance(spec, int) and isinstance(output, (tuple, list)) and -len(output) <= spec < len(output):
-        return output[spec]
+        return cast(Tensor, output[spec])
     if isinstance(spec, str):
         if isinstance(output, dict) and spec in output:
-            return output[spec]
+            return cast(Tensor, output[spec])
         if hasattr(output, spec):
-            return getattr(output, spec)
+            return cast(Tensor, getattr(output, spec))
     raise ValueError(
         f"models[{member}] returned a {type(output).__name__}, and logits_from={spec!r} does not find logits in it. "
         "Pass logits_from: an attribute or key (e.g. 'logits'), a tuple index (e.g. 0), or a callable "
@@ -193,7 +196,7 @@ def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int])
             f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] "
             "(use logits_from to say where the logits are in a tuple, dict or output object)."
         )
-    classes = [s[1] for s in shapes]
+    classes = [s[1] for s in shapes if isinstance(s, tuple)]
     if len(set(classes)) > 1:
         raise ValueError(
             f"Members disagree on the number of classes: {classes} (models[i] -> C). "

@@ -22,7 +22,18 @@ class LossTerms(NamedTuple):
     loss: Tensor
 
 
-def _weighted_terms(log_probs, teaches, logits, weights, features, adapters, alpha, beta, temperature, ce) -> LossTerms:
+def _weighted_terms(
+    log_probs: Tensor,
+    teaches: Tensor,
+    logits: Sequence[Tensor],
+    weights: Tensor,
+    features: Sequence[Tensor] | None,
+    adapters: nn.ModuleDict | None,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    ce: Tensor,
+) -> LossTerms:
     kl = kl_term(log_probs, teaches, weights, temperature=temperature, logits=logits)
     if features is None:
         feature = torch.zeros_like(kl)

@@ -1,9 +1,9 @@
 """``CompetitiveGroup`` (paper §3): a composite of small owners that runs one step through them: the
 pool draws, the members forward, the step math computes, the counters record, the members step."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,9 @@ class CompetitiveGroup:
         self.perturbation, self.process_group = perturbation, process_group
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
         reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank
-        kwargs = dict(rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher)
+        kwargs: dict[str, Any] = dict(
+            rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher
+        )
         self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kwargs)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
@@ -161,7 +163,7 @@ class CompetitiveGroup:
         out = self.loss_fn(inputs.logits, inputs.targets, terms=self.parts.terms, **inputs.captured)
         ramp = self.ramp if train else 1.0
         loss = out.ce
-        for term in self.parts.terms:
+        for term in cast(Iterable[Term], self.parts.terms):  # a TermList holds Terms
             loss = loss + (ramp * term.weight) * out.terms[term.name]
         nonfinite, total, perturbed = ~torch.isfinite(loss), loss.sum(), None if draw is None else draw.member
         if train:
@@ -201,6 +203,7 @@ class CompetitiveGroup:
         return self.parts.counters.summary()
 
     rule, granularity, fixed_teacher = Fixed(), Fixed(), Fixed()  # fixed when built
+    cpu_memory: str | None  # what keep_freed_memory() answered at the first CPU step
     alpha = Moved("kl", "weight")
     beta = Moved("feature", "weight")
     temperature = Moved("kl", "temperature")

@@ -11,10 +11,10 @@ under ``torch.compile`` with ``fullgraph=True`` and never syncs a GPU with the h
 """
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 RULES = ("best", "better", "mutual", "independent")
 GRANULARITIES = ("batch", "sample")
@@ -90,6 +90,7 @@ def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Ten
     finite = torch.isfinite(ce)
     index = torch.arange(n, device=ce.device)
     if rule == "best":
+        assert teacher is not None, "rule='best' reads the teacher"
         is_teacher = index == teacher.unsqueeze(-1)  # [..., N]; all False without one
         beats = is_teacher.unsqueeze(-2) & ~is_teacher.unsqueeze(-1)
     elif rule == "better":
@@ -151,8 +152,25 @@ class StepOutputs(NamedTuple):
     features: Sequence[Tensor] | None = None
     embeddings: Sequence[Tensor] | None = None
 
+    def hooked(self, need: str) -> Sequence[Tensor]:
+        """``features`` or ``embeddings``, which a term that reads them needs (the group captures both
+        for every term that declares them in ``needs``)."""
+        values = self.features if need == "features" else self.embeddings
+        if values is None:
+            raise ValueError(f"This term reads {need}, but the step has none: give the group hooks for them.")
+        return values
+
 
 # -- the step --------------------------------------------------------------------------------
+
+
+class KnowledgeTerm(Protocol):
+    """What the step math calls a term: a name and ``(outputs, W) -> [N]`` (a :class:`~competitive.Term`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def __call__(self, outputs: StepOutputs, weights: Tensor) -> Tensor: ...
 
 
 class StepLosses(NamedTuple):
@@ -202,7 +220,7 @@ def step_losses(
     logits: Sequence[Tensor],
     targets: Tensor,
     *,
-    terms: Sequence[nn.Module] = (),
+    terms: Sequence["KnowledgeTerm"] = (),
     features: Sequence[Tensor] | None = None,
     embeddings: Sequence[Tensor] | None = None,
     rule: str = "best",
@@ -234,7 +252,16 @@ def step_losses(
     return StepLosses(ce, values, teacher, weights)
 
 
-def compete(logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher=None):
+def compete(
+    logits: Sequence[Tensor],
+    targets: Tensor,
+    features: Sequence[Tensor] | None,
+    embeddings: Sequence[Tensor] | None,
+    rule: str,
+    granularity: str,
+    reduce_score: Callable[[Tensor], Tensor] | None,
+    fixed_teacher: int | None = None,
+) -> tuple["StepOutputs", Tensor, Tensor, Tensor]:
     """CE, which member may teach which sample, the teacher and ``W`` (Eq. 4, 7): what the terms read,
     the mean CE ``[N]``, the teacher and ``W``."""
     check_rule(rule, granularity)

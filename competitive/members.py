@@ -1,9 +1,8 @@
 """``Members``: the networks of a group, their optimizers and hooks; forward, backward and step.
 
-A group reaches its members through :meth:`Members.forward` (every member's forward on the batch,
-one of them perturbed, the outputs checked and cut from the members' graphs) and
-:meth:`Members.backward_and_step` (member by member: backward from its outputs, optimizer step,
-gradients freed). The checks of each step's batch and outputs live here.
+A group reaches its members through :meth:`Members.forward` (every member's forward, one of them
+perturbed, the outputs checked and cut from the members' graphs) and :meth:`Members.backward_and_step`
+(member by member: backward from its outputs, optimizer step, gradients freed).
 """
 
 import warnings
@@ -102,8 +101,9 @@ class Members:
             pool.check(x, y, num_classes=num_classes)
         targets = y.to(devices[0])
         if member is not None:
+            assert pool is not None and draw is not None  # a perturbed member comes from the pool's draw
             on = devices[member]
-            x_p, y_p = pool.perturb(draw.index, x.to(on), y.to(on), seed=draw.seed, num_classes=num_classes)
+            x_p, y_p = pool.perturb(draw.operation, x.to(on), y.to(on), seed=draw.seed, num_classes=num_classes)
             logits.insert(member, self._forward(member, x_p, on))
             num_classes = check_logits(logits, x.shape[0], list(range(n)))
             targets = member_targets(targets, y_p.to(devices[0]), member, n, num_classes)
@@ -268,7 +268,7 @@ class NonfiniteWatch:
         else:
             host = torch.empty(nonfinite.shape, dtype=torch.bool, pin_memory=True)
             host.copy_(nonfinite, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record()
             self.pending.append((step, host, event))
 

@@ -7,7 +7,7 @@ stay out of it: they are the user's modules, with their own optimizers.
 """
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,26 +25,30 @@ class TermList(nn.ModuleList):
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            for term in self:
-                if term.name == key:
-                    return term
-            raise KeyError(f"No term named {key!r}; this group's terms are {self.names}.")
+            term = self.get(key)
+            if term is None:
+                raise KeyError(f"No term named {key!r}; this group's terms are {self.names}.")
+            return term
         return super().__getitem__(key)
 
     def __contains__(self, key: object) -> bool:
         return key in self.names if isinstance(key, str) else any(key is term for term in self)
 
+    def terms(self) -> list[Term]:
+        """The terms, typed (iterating the list itself gives the same modules)."""
+        return [cast(Term, term) for term in self]
+
     def get(self, name: str) -> Term | None:
         """The term named ``name``, or None."""
-        return next((term for term in self if term.name == name), None)
+        return next((term for term in self.terms() if term.name == name), None)
 
     @property
     def names(self) -> list[str]:
-        return [term.name for term in self]
+        return [term.name for term in self.terms()]
 
-    def learnable(self) -> Iterator[tuple[str, nn.Module]]:
+    def learnable(self) -> Iterator[tuple[str, Term]]:
         """``(term name, module)`` for every term that holds parameters (its adapters, its heads)."""
-        for term in self:
+        for term in self.terms():
             if any(True for _ in term.parameters()):
                 yield term.name, term
 
@@ -69,7 +73,7 @@ class GroupParts(nn.Module):
         self, terms: Sequence[Term], members: Any, seed: int, process_group: Any = None, example_input: Any = None
     ):
         super().__init__()
-        taken = [term.name for term in terms if getattr(term, "in_group", False)]
+        taken = [term.name for term in terms if term.in_group]
         if taken:
             raise ValueError(
                 f"The terms {taken} already belong to another group (their parts train there); give each "
@@ -91,16 +95,16 @@ class GroupParts(nn.Module):
     def build(self, shapes: Shapes) -> None:
         """Create the terms' learnable parts for the members' ``shapes`` and hand each to the optimizer
         of the member whose loss trains it."""
-        members = self.members
-        check.check_no_scheduler_yet(members.optimizers, self.terms, shapes)
-        for term in self.terms:
+        members, terms = self.members, self.terms.terms()
+        check.check_no_scheduler_yet(members.optimizers, terms, shapes)
+        for term in terms:
             if term.needs:
                 term.build({need: shapes[need] for need in term.needs})
         self.to(members.device)
         # what must keep its shape from now on: the inputs of terms that hold learnable parts
-        members.fixed = {need for t in self.terms if any(True for _ in t.parameters()) for need in t.needs}
+        members.fixed = {need for t in terms if any(True for _ in t.parameters()) for need in t.needs}
         share_parameters(self.terms, self.process_group)  # identical on every rank, gradients averaged
-        owned = [[p for term in self.terms for p in term.member_parameters(i)] for i in range(len(members))]
+        owned = [[p for term in terms for p in term.member_parameters(i)] for i in range(len(members))]
         check.check_owners(members.optimizers, owned)
         for optimizer, params in zip(members.optimizers, owned):
             if params:  # the part is trained by this member's loss, so this member's optimizer steps it

@@ -7,7 +7,7 @@ Randomness is kept apart from application, as in kornia's ``forward_parameters``
 """
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import kornia.augmentation as K
 import torch
@@ -24,11 +24,11 @@ DEFAULT_P = 0.1
 
 
 class Draw(NamedTuple):
-    """One step's draw: ``member`` sees operation ``index`` (``name``) run from ``seed``; ``member`` is
+    """One step's draw: ``member`` sees ``operation`` (its index; ``name``) run from ``seed``; ``member`` is
     None when the step perturbs nobody, and ``skipped`` says why a drawn operation was not applied."""
 
     member: int | None
-    index: int
+    operation: int
     seed: int
     name: str
     skipped: str | None = None
@@ -48,7 +48,8 @@ class InUnitRange(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         low = x.amin(dim=(1, 2, 3), keepdim=True)
         span = (x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
-        return low + span * self.op((x - low) / span)
+        perturbed: Tensor = self.op((x - low) / span)
+        return low + span * perturbed
 
 
 class ResizedCrop(nn.Module):
@@ -63,7 +64,8 @@ class ResizedCrop(nn.Module):
         key = "x".join(map(str, x.shape[-2:]))
         if key not in self.crops:
             self.crops[key] = K.RandomResizedCrop(tuple(x.shape[-2:]), scale=self.scale, p=1.0)
-        return self.crops[key](x)
+        cropped: Tensor = self.crops[key](x)
+        return cropped
 
 
 def default_operations() -> dict[str, nn.Module]:
@@ -140,10 +142,12 @@ class PerturbationPool(nn.Module):
             raise ValueError(f"Invalid p value {p!r} provided. Please provide a probability in [0, 1].")
         self.p, self.p_given = real, p is not None
         self.checked = False  # every operation tried once on the first batch (see check)
-        if operations is None:
-            operations = default_operations()
-        if not isinstance(operations, dict):
-            operations = {f"{i}_{getattr(op, '__name__', type(op).__name__)}": op for i, op in enumerate(operations)}
+        named: dict[str, Operation] = dict(default_operations()) if operations is None else {}
+        if isinstance(operations, dict):
+            named = dict(operations)
+        elif operations is not None:
+            named = {f"{i}_{getattr(op, '__name__', type(op).__name__)}": op for i, op in enumerate(operations)}
+        operations = named
         if not operations:
             raise ValueError("Invalid operations: the pool is empty. Please provide at least one operation.")
         bad = [f"{name!r} ({type(op).__name__})" for name, op in operations.items() if not callable(op)]
@@ -229,39 +233,35 @@ class PerturbationPool(nn.Module):
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
             torch.manual_seed(seed)
             try:
-                if kind == "mix":
-                    out = op(x, y)
-                elif kind == "image":
-                    out = op(x)
-                else:
-                    out = op(x, y)
+                # an "image" operation is a module x -> x'; the others take (x, y)
+                out = cast(nn.Module, op)(x) if kind == "image" else op(x, y)
             except TypeError as error:
                 raise TypeError(f"Perturbation {name!r} could not be called: {error}. {_EXPECTED[kind]}") from error
         return _checked(out, x, y, kind, name, num_classes)
 
 
-def _checked(out: object, x: Tensor, y: Tensor, kind: str, name: str, num_classes: int) -> tuple[Tensor, Tensor]:
+def _checked(out: Any, x: Tensor, y: Tensor, kind: str, name: str, num_classes: int) -> tuple[Tensor, Tensor]:
     """An operation's output as ``(x', y')``, checked against the batch ``(x, y)`` it got."""
     if kind == "mix":
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
-        out, params = out
-        return out, _soft_labels(y, params.to(x.device), num_classes)
+        images, params = out
+        return images, _soft_labels(y, params.to(x.device), num_classes)
     if kind == "image":
         if not isinstance(out, Tensor):
             raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
         return out, y
     if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
         raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
-    out, y_out = out
-    if out.shape != x.shape or y_out.shape not in (y.shape, (y.shape[0], num_classes)):
+    images, y_out = out
+    if images.shape != x.shape or y_out.shape not in (y.shape, (y.shape[0], num_classes)):
         raise ValueError(
-            f"Perturbation {name!r} returned inputs {list(out.shape)} and targets "
+            f"Perturbation {name!r} returned inputs {list(images.shape)} and targets "
             f"{list(y_out.shape)}; expected inputs {list(x.shape)} and targets {list(y.shape)} "
             f"(class indices) or {[y.shape[0], num_classes]} (label rows)."
         )
     _check_labels(name, y_out, num_classes)
-    return out, y_out
+    return images, y_out
 
 
 _EXPECTED = {

@@ -7,7 +7,7 @@ DDP handle them; updating them reads nothing back to the host.
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class GroupStats(nn.Module):
@@ -17,6 +17,14 @@ class GroupStats(nn.Module):
     batch's teacher changed), ``nonfinite_count``, ``perturbed_count`` and ``perturbed_wins``
     (steps at which the perturbed member won), and ``steps`` (a Python int, no device read).
     """
+
+    teacher_count: Tensor
+    switches: Tensor
+    nonfinite_count: Tensor
+    perturbed_count: Tensor
+    perturbed_wins: Tensor
+    last_teacher: Tensor
+    members: Tensor
 
     def __init__(self, n: int):
         super().__init__()

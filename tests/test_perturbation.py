@@ -249,13 +249,13 @@ def test_draws_stay_on_the_cpu_when_the_pool_moves():
     pool = PerturbationPool({"identity": lambda x, y: (x + 0.0, y), "twice": lambda x, y: (x * 2, y)}, p=1.0)
     pool.to("meta")
     assert pool.weights.device.type == "cpu"
-    assert pool.draw(torch.Generator().manual_seed(0), 2, torch.zeros(2, 1)).index in (0, 1)
+    assert pool.draw(torch.Generator().manual_seed(0), 2, torch.zeros(2, 1)).operation in (0, 1)
 
 
 def test_weights_choose_operations():
     pool = PerturbationPool(weights=[0, 0, 0, 0, 0, 0, 0, 1])
     g = torch.Generator().manual_seed(0)
-    assert {pool.draw(g, 2, torch.zeros(2, 1)).index for _ in range(50)} == {7}
+    assert {pool.draw(g, 2, torch.zeros(2, 1)).operation for _ in range(50)} == {7}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -26,6 +26,7 @@ class FeatureAdapter(nn.Module):
     def __init__(self, source: torch.Size, target: torch.Size):
         super().__init__()
         self.source, self.target = tuple(source), tuple(target)
+        self.map: nn.Module
         if len(source) == 3 and len(target) == 3:
             self.map = nn.Conv2d(source[0], target[0], kernel_size=1, bias=False)
             # bilinear resizing (align_corners=False) is separable: one [out, in] matrix per axis
@@ -46,15 +47,18 @@ class FeatureAdapter(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        out: Tensor
         if len(self.source) == 3 and len(self.target) == 1:
-            return self.map(x.mean(dim=(2, 3)))
-        if len(self.source) != 3 or len(self.target) != 3 or x.shape[-2:] == self.target[-2:]:
-            return self.map(x)
+            out = self.map(x.mean(dim=(2, 3)))
+        elif len(self.source) != 3 or len(self.target) != 3 or x.shape[-2:] == self.target[-2:]:
+            out = self.map(x)
         # the 1x1 convolution (channels) and the resizing (space) are linear maps of different axes,
         # so they commute: run the convolution at the smaller of the two spatial sizes
-        if math.prod(self.target[-2:]) < math.prod(x.shape[-2:]):
-            return self.map(self._resize(x))
-        return self._resize(self.map(x))
+        elif math.prod(self.target[-2:]) < math.prod(x.shape[-2:]):
+            out = self.map(self._resize(x))
+        else:
+            out = self._resize(self.map(x))
+        return out
 
     def _resize(self, x: Tensor) -> Tensor:
         """Bilinear resizing (``F.interpolate``, ``align_corners=False``) as two small matrix products,

@@ -119,7 +119,7 @@ class ADM(Adapted):
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         return adm_loss(
-            outputs.features,
+            outputs.hooked("features"),
             weights,
             consensus=self.consensus,
             divergence=self.divergence,

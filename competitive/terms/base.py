@@ -37,6 +37,7 @@ class Term(nn.Module):
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()
+    in_group: bool = False  # set by the group whose parts it joins: a term belongs to one group
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

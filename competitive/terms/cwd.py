@@ -75,7 +75,7 @@ class CWD(Adapted):
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         adapters = self.adapters if len(self.adapters) else None
-        return cwd_term(outputs.features, outputs.teaches, weights, adapters, tau=self.tau)
+        return cwd_term(outputs.hooked("features"), outputs.teaches, weights, adapters, tau=self.tau)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, tau={self.tau}"

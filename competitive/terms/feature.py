@@ -22,7 +22,7 @@ def feature_term(
     # the teacher's target carries no gradient; a member that cannot teach contributes zeros
     targets = [torch.where(sample_mask(teaches[j], f), f.detach(), 0.0) for j, f in enumerate(features)]
     if all(f.shape == features[0].shape for f in features) and not adapters:
-        f = upcast(torch.stack(features).flatten(2))  # [N, B, D]
+        f = upcast(torch.stack(list(features)).flatten(2))  # [N, B, D]
         t = upcast(torch.stack(targets).flatten(2))
         w = w.to(f.dtype)
         # sum_j W_ij (F_i - F_j)^2 = s_i (F_i - G_i)^2 + (sum_j W_ij F_j^2 - s_i G_i^2),
@@ -98,4 +98,5 @@ class FeatureL2(Adapted):
     """
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
-        return feature_term(outputs.features, outputs.teaches, weights, self.adapters if len(self.adapters) else None)
+        adapters = self.adapters if len(self.adapters) else None
+        return feature_term(outputs.hooked("features"), outputs.teaches, weights, adapters)

@@ -1,5 +1,7 @@
 """``L_D``: the student imitates its teachers' class distributions (paper Eq. 9)."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -7,13 +9,21 @@ from .._validation import check_real
 from .base import StepOutputs, Term, per_sample, register_term, upcast
 
 
-def kl_term(log_probs: Tensor, teaches: Tensor, weights: Tensor, *, temperature: float = 1.0, logits=None) -> Tensor:
+def kl_term(
+    log_probs: Tensor,
+    teaches: Tensor,
+    weights: Tensor,
+    *,
+    temperature: float = 1.0,
+    logits: Sequence[Tensor] | None = None,
+) -> Tensor:
     """``tau^2 * sum_j W_ij KL(p_j || p_i)`` per member, ``batchmean`` over the samples: ``[N]``.
 
     ``p = softmax(z / tau)``. ``p_j`` is a target (no gradient reaches the teacher through it), and
     a member that cannot teach (``teaches`` False) contributes nothing.
     """
     if temperature != 1.0:
+        assert logits is not None, "a temperature other than 1 reads the logits"
         log_probs = (torch.stack([upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
     w = per_sample(weights, log_probs.shape[1]).to(p.dtype)

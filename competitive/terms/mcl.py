@@ -178,7 +178,7 @@ class MCL(Term):
         return self.heads[member].parameters()
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
-        z = [head(upcast(e).flatten(1)) for head, e in zip(self.heads, outputs.embeddings)]
+        z = [head(upcast(e).flatten(1)) for head, e in zip(self.heads, outputs.hooked("embeddings"))]
         return mcl_loss(z, outputs.labels, weights, teaches=outputs.teaches, **self.settings)
 
     def extra_repr(self) -> str:
