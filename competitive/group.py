@@ -91,23 +91,22 @@ class CompetitiveGroup:
         keep_cpu_memory: bool = True,
         **deprecated: Any,
     ):
+        check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument is checked
+        n = len(models)  # before the members get their hooks
+        c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n)
+        settings = forward_deprecated(deprecated, perturbation, terms, terms is None and feature_hooks is None)
+        terms = resolve_terms(terms, feature_hooks, embedding_hooks, settings)
         self.members = Members(
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite
         )
-        n = len(self.members)
-        c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n)
-        # c: the torch.compile options of the step math, None for eager
-        settings = forward_deprecated(deprecated, perturbation, terms, terms is None and feature_hooks is None)
         self.seed = seed if seed is not None else default_seed(process_group)
-        terms = resolve_terms(terms, feature_hooks, embedding_hooks, settings)
         self.parts = GroupParts(terms, self.members, self.seed, process_group, example_input)
         self.perturbation, self.process_group = perturbation, process_group
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
         reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank
-        kwargs: dict[str, Any] = dict(
-            rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher
-        )
-        self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kwargs)
+        kw: dict[str, Any] = dict(rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher)
+        # c: the torch.compile options of the step math, None for eager
+        self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its

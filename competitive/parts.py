@@ -79,8 +79,6 @@ class GroupParts(nn.Module):
                 f"The terms {taken} already belong to another group (their parts train there); give each "
                 "group its own Term instances."
             )
-        for term in terms:
-            term.in_group = True
         self.terms = TermList(terms)
         self.counters = GroupStats(len(members))
         self.generator = torch.Generator()  # on the CPU, whatever .to() moves: draws never sync a device
@@ -91,6 +89,8 @@ class GroupParts(nn.Module):
         members.needs = sorted({need for term in terms for need in term.needs})
         if (shapes := members.known_shapes(example_input)) is not None:
             self.build(shapes)  # else at the start of the first step, from its batch
+        for term in terms:
+            term.in_group = True
 
     def build(self, shapes: Shapes) -> None:
         """Create the terms' learnable parts for the members' ``shapes`` and hand each to the optimizer

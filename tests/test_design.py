@@ -4,6 +4,7 @@ as a module (0.3.0 checkpoints load), no import cycle, and one step through few 
 import ast
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,15 @@ def test_a_term_instance_belongs_to_one_group():
     others, other_optimizers = _members((4, 6))
     with pytest.raises(ValueError, match=r"The terms \['kl'\] already belong to another group"):
         CompetitiveGroup(others, other_optimizers, terms=[kl])
+
+
+@pytest.mark.parametrize("bad", [{"rule": "worst"}, {"terms": ["kl", "fitnet"]}, {"alpha": -1.0}])
+def test_a_refused_group_leaves_no_hook_on_the_members(bad):
+    models, optimizers = _members((4, 6))
+    with pytest.raises(ValueError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        CompetitiveGroup(models, optimizers, feature_hooks=["1", "1"], **bad)
+    assert all(not m[1]._forward_hooks for m in models)
 
 
 def test_every_terms_parts_have_one_way_in():
