@@ -8,6 +8,7 @@ from typing import Any
 
 from ._validation import check_real, real_scalar
 from .perturbation import PerturbationPool
+from .terms import Term, resolve_terms
 
 _DEPRECATED = {  # name -> (term name or None for the pool, attribute, what to write instead)
     "alpha": ("kl", "weight", "terms=[KL(0.5, temperature=4)]"),
@@ -17,9 +18,9 @@ _DEPRECATED = {  # name -> (term name or None for the pool, attribute, what to w
 }
 
 
-def forward_deprecated(given: dict[str, Any], pool: Any, terms: Any, harmless: bool) -> dict[str, dict[str, float]]:
-    """Warn for each deprecated setting and forward ``perturb_prob`` to the pool; returns the terms'
-    settings (``{"kl": {"weight": 0.5}}``) for the terms ``resolve_terms`` builds by name."""
+def forward_deprecated(given: dict[str, Any], pool: Any, terms: Any, hooks: tuple[Any, Any]) -> list[Term]:
+    """The group's terms (:func:`resolve_terms`), built with the deprecated settings forwarded to them,
+    a warning for each; ``perturb_prob`` goes to the pool last, once everything else is checked."""
     unknown = sorted(set(given) - set(_DEPRECATED))
     if unknown:
         raise TypeError(f"CompetitiveGroup got unexpected keyword arguments {unknown}.")
@@ -33,26 +34,30 @@ def forward_deprecated(given: dict[str, Any], pool: Any, terms: Any, harmless: b
             f"CompetitiveGroup({name}=...) is deprecated: {who} owns it; write {instead}.", DeprecationWarning, 3
         )
         if owner is None:
-            _forward_to_pool(value, pool)
+            _forward_to_pool(value, pool, apply=False)
             continue
         settings.setdefault(owner, {})[attribute] = check_real(name, value, positive=name == "temperature")
         if isinstance(terms, (list, tuple)) and owner not in terms:  # absent, or an instance with its own
             named = [t if isinstance(t, str) else getattr(t, "name", t) for t in terms]
             how = "holds as an instance with its own settings" if owner in named else "does not name"
             raise ValueError(f"{name}={value!r} sets the {owner!r} term, which terms={named} {how}; set it there.")
-    if harmless:
+    if terms is None and hooks[0] is None:
         settings.pop("feature", None)  # beta with the default terms and no feature hooks: harmless, as before
-    return settings
+    built = resolve_terms(terms, *hooks, settings)
+    if "perturb_prob" in given:
+        _forward_to_pool(given["perturb_prob"], pool, apply=True)
+    return built
 
 
-def _forward_to_pool(value: Any, pool: Any) -> None:
+def _forward_to_pool(value: Any, pool: Any, apply: bool) -> None:
     p = real_scalar(value)
     if p is None or not 0 <= p <= 1:
         raise ValueError(f"Invalid perturb_prob value {value!r} provided. Please provide a value in [0,1] range.")
     if pool is None or pool.p_given:
         why = "perturbation is None" if pool is None else f"the pool sets p={pool.p} itself"
         raise ValueError(f"perturb_prob={p} sets the perturbation pool's p, but {why}; set p on the pool.")
-    pool.p = p
+    if apply:
+        pool.p = p
 
 
 class Moved:

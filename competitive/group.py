@@ -18,7 +18,7 @@ from .memory import keep_freed_memory
 from .parts import GroupParts
 from .perturbation import PerturbationPool
 from .result import StepResult
-from .terms import Term, resolve_terms
+from .terms import Term
 
 
 class CompetitiveGroup:
@@ -94,13 +94,12 @@ class CompetitiveGroup:
         check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument is checked
         n = len(models)  # before the members get their hooks
         c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n)
-        settings = forward_deprecated(deprecated, perturbation, terms, terms is None and feature_hooks is None)
-        terms = resolve_terms(terms, feature_hooks, embedding_hooks, settings)
+        built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
         self.members = Members(
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite
         )
         self.seed = seed if seed is not None else default_seed(process_group)
-        self.parts = GroupParts(terms, self.members, self.seed, process_group, example_input)
+        self.parts = GroupParts(built, self.members, self.seed, process_group, example_input)
         self.perturbation, self.process_group = perturbation, process_group
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
         reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank

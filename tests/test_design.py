@@ -76,6 +76,14 @@ def test_a_refused_group_leaves_no_hook_on_the_members(bad):
     assert all(not m[1]._forward_hooks for m in models)
 
 
+def test_a_refused_group_leaves_the_pool_as_it_was():
+    models, optimizers = _members((4, 6))
+    pool = PerturbationPool()
+    with pytest.raises(ValueError, match="known terms"), pytest.warns(DeprecationWarning):
+        CompetitiveGroup(models, optimizers, terms=["kl", "fitnet"], perturbation=pool, perturb_prob=0.5)
+    assert pool.p == 0.1
+
+
 def test_every_terms_parts_have_one_way_in():
     models, optimizers = _members()
     group = CompetitiveGroup(
