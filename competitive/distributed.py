@@ -22,7 +22,8 @@ def global_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Te
     from torch.distributed import _functional_collectives as funcol
 
     ranks = group if group is not None else dist.group.WORLD
-    assert ranks is not None, "an initialized process group has a WORLD group"
+    if ranks is None:
+        raise RuntimeError("global_mean: the process group is initialized but has no WORLD group.")
     world = dist.get_world_size(ranks)
 
     def mean(x: Tensor) -> Tensor:

@@ -90,7 +90,8 @@ def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Ten
     finite = torch.isfinite(ce)
     index = torch.arange(n, device=ce.device)
     if rule == "best":
-        assert teacher is not None, "rule='best' reads the teacher"
+        if teacher is None:
+            raise ValueError("weights_for_teacher: rule='best' needs teacher=teacher_index(ce); got None.")
         is_teacher = index == teacher.unsqueeze(-1)  # [..., N]; all False without one
         beats = is_teacher.unsqueeze(-2) & ~is_teacher.unsqueeze(-1)
     elif rule == "better":

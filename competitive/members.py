@@ -101,7 +101,8 @@ class Members:
             pool.check(x, y, num_classes=num_classes)
         targets = y.to(devices[0])
         if member is not None:
-            assert pool is not None and draw is not None  # a perturbed member comes from the pool's draw
+            if pool is None or draw is None:
+                raise ValueError(f"draw.member={member} names a perturbed member, so forward() needs the pool too.")
             on = devices[member]
             x_p, y_p = pool.perturb(draw.operation, x.to(on), y.to(on), seed=draw.seed, num_classes=num_classes)
             logits.insert(member, self._forward(member, x_p, on))
@@ -172,8 +173,7 @@ class Members:
             for i, optimizer in enumerate(self.optimizers):
                 cut.backward(i)
                 if i == 0:
-                    # no finite loss at all raises here, before any update; on a GPU this waits for
-                    # the flags' copy while the first member's backward runs
+                    # no finite loss raises here, before any update (a GPU's flags land during this backward)
                     self.watch.wait()
                     skip = nonfinite.tolist() if self.skip_nonfinite else [False] * len(self.models)
                 if optimizer is not None:

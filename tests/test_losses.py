@@ -146,3 +146,14 @@ def test_weights_are_used_as_given():
         assert torch.allclose(terms.kl[i], torch.as_tensor(expected, dtype=torch.float64), atol=1e-12)
     assert reference_weights([0.2, 0.1], "best") == [[0.0, 1.0], [0.0, 0.0]]
     assert torch.equal(distillation_weights(torch.tensor([0.2, 0.1])), torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+
+
+def test_the_pure_functions_name_a_missing_input():
+    from competitive.losses import weights_for_teacher
+    from competitive.terms.kl import kl_term
+
+    with pytest.raises(ValueError, match=r"rule='best' needs teacher=teacher_index\(ce\)"):
+        weights_for_teacher(torch.tensor([0.2, 0.1]), rule="best", teacher=None)
+    log_probs = torch.zeros(2, 3, 4).log_softmax(-1)
+    with pytest.raises(ValueError, match=r"temperature=2.0 needs the logits"):
+        kl_term(log_probs, torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 2), temperature=2.0)

@@ -23,7 +23,8 @@ def kl_term(
     a member that cannot teach (``teaches`` False) contributes nothing.
     """
     if temperature != 1.0:
-        assert logits is not None, "a temperature other than 1 reads the logits"
+        if logits is None:
+            raise ValueError(f"kl_term: temperature={temperature} needs the logits (logits=...) to rescale them.")
         log_probs = (torch.stack([upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
     w = per_sample(weights, log_probs.shape[1]).to(p.dtype)
