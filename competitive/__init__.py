@@ -1,8 +1,8 @@
 """Competitive Distillation (Shi et al., ICCV 2025) for any PyTorch training loop."""
 
-from .functional import LossTerms, competitive_loss, group_loss
+from .functional import LossTerms, competitive_loss, distillation_weights, group_loss
 from .group import CompetitiveGroup
-from .losses import StepLosses, distillation_weights, step_losses, teacher_index
+from .losses import StepLosses, step_losses, teacher_index
 from .members import Members
 from .parts import GroupParts, TermList
 from .perturbation import PerturbationPool, default_operations

@@ -116,11 +116,19 @@ def check_real(name: str, value: Any, *, positive: bool = False, owner: str = ""
 
 
 def check_settings(
-    rule: str, granularity: str, warmup_steps: Any, fixed_teacher: Any, seed: Any, compile: Any, keep: Any, n: int
+    rule: str,
+    granularity: str,
+    warmup_steps: Any,
+    fixed_teacher: Any,
+    seed: Any,
+    compile: Any,
+    keep: Any,
+    n: int,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The settings the group itself owns; returns the ``torch.compile`` options (None: eager)."""
     check_rule(rule, granularity)
-    check_member_settings(None, False, keep_cpu_memory=keep)
+    check_member_settings(None, False, keep_cpu_memory=keep, **(layout or {}))
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"Invalid warmup_steps value {warmup_steps!r} provided. Please provide an int >= 0.")
     if fixed_teacher is not None:
@@ -138,7 +146,13 @@ def check_settings(
     return check_compile(compile)
 
 
-def check_member_settings(autocast_dtype: Any, skip_nonfinite: Any, *, keep_cpu_memory: Any = True) -> None:
+def check_member_settings(
+    autocast_dtype: Any, skip_nonfinite: Any, *, keep_cpu_memory: Any = True, class_dim: Any = 1, ignore_index: Any = -100
+) -> None:
+    for name, value in (("class_dim", class_dim), ("ignore_index", ignore_index)):
+        if isinstance(value, bool) or not isinstance(value, int) or (name == "class_dim" and value == 0):
+            allowed = "an int other than 0 (dim 0 is the batch): 1 as F.cross_entropy, -1 for [B, ..., C]"
+            raise ValueError(f"Invalid {name} value {value!r} provided. Please provide {allowed if name == 'class_dim' else 'an int'}.")
     for name, value in (("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
         if not isinstance(value, bool):
             raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")

@@ -171,9 +171,10 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
         )
     if y.dtype == torch.uint64:
         raise TypeError("Invalid batch: targets have dtype torch.uint64; please provide int64 class indices.")
-    if y.shape != (x.shape[0],):
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
         raise ValueError(
-            f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}]."
+            f"Invalid batch: targets of shape {list(y.shape)} for {x.shape[0]} inputs; expected [{x.shape[0]}] "
+            f"(one class per sample) or [{x.shape[0]}, d1, ..., dk] (one per position)."
         )
     if x.device not in devices:
         raise RuntimeError(
@@ -183,44 +184,59 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
     return x, y.long()  # int32 / int16 / uint8 class indices work like int64
 
 
-def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int]) -> int:
-    """Every member returned ``[B, C]`` logits with the same ``C >= 2``; returns ``C``."""
-    shapes = [tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__ for z in logits]
-    bad = [
-        f"models[{i}] returned {s}"
-        for i, s in zip(members, shapes)
-        if not isinstance(s, tuple) or len(s) != 2 or s[0] != batch_size
-    ]
+def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int], class_dim: int = 1) -> tuple[int, Any]:
+    """Every member returned logits ``[B, C, d1..dk]`` (the class at ``class_dim``) with the same
+    ``C >= 2`` and positions ``(d1, ..., dk)``; returns ``(C, positions)``."""
+    bad, layouts = [], []
+    for i, z in zip(members, logits):
+        if not isinstance(z, Tensor) or z.dim() < 2 or z.shape[0] != batch_size:
+            bad.append(f"models[{i}] returned {tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        elif not -z.dim() <= class_dim < z.dim() or class_dim % z.dim() == 0:
+            bad.append(f"models[{i}] returned {list(z.shape)}, which has no class dimension {class_dim}")
+        else:
+            layouts.append((i, z.shape[class_dim], tuple(s for d, s in enumerate(z.shape[1:], 1) if d != class_dim % z.dim())))
     if bad:
         raise ValueError(
-            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] "
-            "(use logits_from to say where the logits are in a tuple, dict or output object)."
+            f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] or "
+            f"[{batch_size}, C, d1, ..., dk] with the classes at class_dim={class_dim} (use logits_from to say where "
+            "the logits are in a tuple, dict or output object)."
         )
-    classes = [s[1] for s in shapes if isinstance(s, tuple)]
-    if len(set(classes)) > 1:
+    if len({layout[1:] for layout in layouts}) > 1:
+        shown = "; ".join(f"models[{i}]: C={c}, positions {list(p)}" for i, c, p in layouts)
+        raise ValueError(f"Members disagree on the number of classes or the positions: {shown}. All must predict the same.")
+    _, classes, positions = layouts[0]
+    if classes < 2:
         raise ValueError(
-            f"Members disagree on the number of classes: {classes} (models[i] -> C). "
-            "All must predict the same C classes."
-        )
-    if classes[0] < 2:
-        raise ValueError(
-            f"Invalid model outputs: logits of shape [{batch_size}, {classes[0]}]; a softmax over one class is "
+            f"Invalid model outputs: logits with {classes} class at class_dim={class_dim}; a softmax over one class is "
             "always 1, so nothing would be learned. Members must predict C >= 2 classes."
         )
-    return classes[0]
+    return classes, positions
 
 
-def check_targets(y: Tensor, num_classes: int) -> None:
-    in_range = ((y >= 0) & (y < num_classes)).all()
-    if y.device.type == "cpu":
-        if not in_range:
-            raise ValueError(
-                f"Invalid targets: class indices must lie in [0, {num_classes}); got values in "
-                f"[{int(y.min())}, {int(y.max())}]."
-            )
-    else:
-        # a device-side assert: checked without waiting for the GPU
-        torch._assert_async(in_range, f"targets must lie in [0, {num_classes})")
+def check_targets(y: Tensor, layout: tuple[int, Any], ignore_index: int = -100) -> None:
+    """Targets ``[B, d1..dk]`` match the logits' positions, lie in ``[0, C)`` or are ``ignore_index``, and
+    some position is not ignored."""
+    num_classes, positions = layout
+    if tuple(y.shape[1:]) != tuple(positions):
+        raise ValueError(
+            f"Invalid targets of shape {list(y.shape)}: the logits without the class dimension are "
+            f"{[y.shape[0], *positions]}; please provide targets of that shape."
+        )
+    valid = y != ignore_index
+    in_range = ((y >= 0) & (y < num_classes) | ~valid).all()
+    if y.device.type != "cpu":  # device-side asserts: checked without waiting for the GPU
+        torch._assert_async(in_range, f"targets must lie in [0, {num_classes}) or be ignore_index={ignore_index}")
+        torch._assert_async(valid.any(), f"every target of the batch is ignore_index={ignore_index}")
+    elif not in_range:
+        bad = y[valid & ((y < 0) | (y >= num_classes))].unique()[:8].tolist()
+        raise ValueError(
+            f"Invalid targets: class indices must lie in [0, {num_classes}) or be ignore_index={ignore_index}; got {bad}."
+        )
+    elif not valid.any():
+        raise ValueError(
+            f"Invalid targets: every position of the batch is ignore_index={ignore_index}, so no member has anything "
+            "to learn or to teach. Leave such batches out."
+        )
 
 
 # the adapters moved to the terms that own them; importable from here as before

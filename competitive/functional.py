@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .losses import compete, cross_entropy, upcast
+from .losses import check_rule, compete, cross_entropy, teacher_index, upcast, weights_for_teacher
 from .terms.feature import feature_term
 from .terms.kl import kl_term
 
@@ -116,8 +116,36 @@ def group_loss(
         >>> int(teacher), terms.kl  # member 0 has the lower CE and teaches member 1
         (0, tensor([0.0000, 1.5232]))
     """
-    out, ce, teacher, weights = compete(logits, targets, features, None, rule, granularity, reduce_ce)
+    out, ce, teacher, weights, _ = compete(logits, targets, features, None, rule, granularity, reduce_ce)
     terms = _weighted_terms(
         out.log_probs, out.teaches, logits, weights, features, adapters, alpha, beta, temperature, ce
     )
     return terms, teacher, weights
+
+
+def distillation_weights(ce: Tensor, *, rule: str = "best") -> Tensor:
+    """The weight matrix ``W`` of a selection rule.
+
+    Args:
+        ce (Tensor): cross-entropies of shape ``[..., N]`` (see :func:`teacher_index`).
+        rule (str): one of
+
+            - ``"best"`` (default, paper Eq. 4): the member with the lowest CE teaches all others.
+            - ``"better"`` (the authors' public code): each member learns from every member with
+              a lower CE, averaged.
+            - ``"mutual"`` (deep mutual learning): each member learns from every other member,
+              averaged.
+            - ``"independent"``: nobody learns from anybody (``W = 0``).
+
+    Returns:
+        Float tensor of shape ``[..., N, N]``. Members with a NaN or inf CE never teach (their
+        column is 0); ties in CE go to the lowest index.
+
+    Example:
+        >>> distillation_weights(torch.tensor([0.9, 0.4, 0.7]), rule="best")
+        tensor([[0., 1., 0.],
+                [0., 0., 0.],
+                [0., 1., 0.]])
+    """
+    check_rule(rule)
+    return weights_for_teacher(ce, rule=rule, teacher=teacher_index(ce) if rule == "best" else None)

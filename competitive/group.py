@@ -29,21 +29,22 @@ class CompetitiveGroup:
     setting of a term or of the pool lives on that object; see README (Options) for all of them.
 
     Args:
-        models (list of nn.Module): the members; logits ``[B, C]`` with the same ``C >= 2``.
-        optimizers (list of Optimizer or None): ``optimizers[i]`` holds ``models[i]``'s trainable
-            parameters; None for a frozen member.
-        feature_hooks, embedding_hooks (list, optional): per member, a submodule name, a submodule
-            or None: the outputs the ``"feature"`` / ``"adm"`` terms read, and the ``"mcl"`` term's
-            embedding (the input of a named ``nn.Linear``). Default: None.
+        models (list of nn.Module): the members; logits ``[B, C]`` with targets ``[B]``, or per position
+            ``[B, C, d1..dk]`` with targets ``[B, d1..dk]`` (same ``C >= 2`` and positions for all).
+        optimizers (list of Optimizer or None): ``optimizers[i]`` steps ``models[i]``; None if frozen.
+        feature_hooks, embedding_hooks (list, optional): per member, a submodule (or its name): the maps
+            the ``"feature"`` / ``"adm"`` / ``"cwd"`` terms read; the input of an ``nn.Linear`` for ``"mcl"``.
         terms (list of str or Term, optional): the knowledge terms, by registered name
             (:func:`~competitive.register_term`) or as instances holding their settings
             (``KL(0.5, temperature=4)``). Default: ``["kl"]``, plus ``"feature"`` with feature hooks.
         rule (str): ``"best"`` (paper, default), ``"better"``, ``"mutual"`` or ``"independent"``.
-        granularity (str): ``"batch"`` (paper, default) or ``"sample"``.
+        granularity (str): one teacher per ``"batch"`` (paper, default), ``"sample"`` or ``"position"``.
+        class_dim (int): the class dimension of the logits: 1 (``F.cross_entropy``), -1 for ``[B, ..., C]``.
+        ignore_index (int): targets that count nowhere (CE, competition, terms, counters). Default: -100.
         warmup_steps (int): ramp every term's weight from 0 over the first steps. Default: 150.
         fixed_teacher (int, optional): this member always teaches (``rule="best"``). Default: None.
-        logits_from (optional): where the logits are in a member's output (a key or attribute, a
-            tuple index, a callable; or one per member). Default: the output, or its ``.logits``.
+        logits_from (optional): where the logits are in a member's output: a key or attribute (``"out"`` for
+            torchvision's segmentation), a tuple index, a callable; or one per member. Default: it, or ``.logits``.
         perturbation (PerturbationPool, optional): with probability ``perturbation.p`` a step
             perturbs one random member's batch. Default: None.
         seed (int, optional): seed of the perturbation draws. Default: ``torch.initial_seed()``
@@ -52,11 +53,9 @@ class CompetitiveGroup:
             ``backend``, ``mode``, ``options``, ``dynamic``. Default: False.
         skip_nonfinite (bool): skip the update of a member whose loss is NaN or inf. Default: False.
         autocast_dtype (torch.dtype, optional): run forwards under ``torch.autocast``. Default: None.
-        example_input (Tensor, optional): inputs forwarded once (eval mode) to create the terms'
-            adapters and heads now rather than at the first step.
+        example_input (Tensor, optional): inputs forwarded once (eval mode) to build the terms' parts now.
         process_group (ProcessGroup, optional): ranks that agree on one teacher under DDP.
-        keep_cpu_memory (bool): at the first CPU training step, keep freed memory
-            (:func:`competitive.memory.keep_freed_memory`). Default: True.
+        keep_cpu_memory (bool): keep freed CPU memory (:func:`competitive.memory.keep_freed_memory`). Default: True.
         **deprecated: ``alpha``, ``temperature`` (``KL``'s), ``beta`` (``FeatureL2``'s) and
             ``perturb_prob`` (the pool's ``p``), forwarded with a ``DeprecationWarning``.
 
@@ -78,6 +77,8 @@ class CompetitiveGroup:
         terms: Sequence[str | Term] | None = None,
         rule: str = "best",
         granularity: str = "batch",
+        class_dim: int = 1,
+        ignore_index: int = -100,
         warmup_steps: int = 150,
         fixed_teacher: int | None = None,
         logits_from: Any = None,
@@ -93,10 +94,11 @@ class CompetitiveGroup:
     ):
         check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument is checked
         n = len(models)  # before the members get their hooks
-        c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n)
+        layout = dict(class_dim=class_dim, ignore_index=ignore_index)
+        c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
         built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
         self.members = Members(
-            models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite
+            models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite, **layout
         )
         self.seed = seed if seed is not None else default_seed(process_group)
         self.parts = GroupParts(built, self.members, self.seed, process_group, example_input)
@@ -104,6 +106,7 @@ class CompetitiveGroup:
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
         reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank
         kw: dict[str, Any] = dict(rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher)
+        kw.update(layout)
         # c: the torch.compile options of the step math, None for eager
         self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
 
@@ -156,7 +159,7 @@ class CompetitiveGroup:
             self.members.watch.poll()
             if self.keep_cpu_memory and self.cpu_memory is None and device.type == "cpu":
                 self.cpu_memory = keep_freed_memory()
-        draw = pool.draw(self.parts.generator, len(self.members), x) if pool is not None else None
+        draw = pool.draw(self.parts.generator, len(self.members), x, y) if pool is not None else None
         inputs = self.members.forward(x, y, draw, pool, cut)
         out = self.loss_fn(inputs.logits, inputs.targets, terms=self.parts.terms, **inputs.captured)
         ramp = self.ramp if train else 1.0
@@ -166,11 +169,11 @@ class CompetitiveGroup:
         nonfinite, total, perturbed = ~torch.isfinite(loss), loss.sum(), None if draw is None else draw.member
         if train:
             self.members.watch_losses(total, nonfinite, step=self.parts.counters.steps + 1)
-            _count(self.parts.counters, out.teacher, nonfinite, perturbed)
+            _count(self.parts.counters, out.teacher, out.valid, nonfinite, perturbed)
         terms = {k: v.detach() for k, v in out.terms.items()}
         name, skipped = (None, None) if draw is None else (draw.name if perturbed is not None else None, draw.skipped)
         result = StepResult(
-            out.teacher, out.ce.detach(), terms, loss.detach(), out.weights, nonfinite, perturbed, name, skipped
+            out.teacher, out.ce.detach(), terms, loss.detach(), out.weights, nonfinite, perturbed, name, skipped, out.valid
         )
         return total, result, inputs.cut
 
@@ -202,9 +205,7 @@ class CompetitiveGroup:
 
     rule, granularity, fixed_teacher = Fixed(), Fixed(), Fixed()  # fixed when built
     cpu_memory: str | None  # what keep_freed_memory() answered at the first CPU step
-    alpha = Moved("kl", "weight")
-    beta = Moved("feature", "weight")
-    temperature = Moved("kl", "temperature")
+    alpha, beta, temperature = Moved("kl", "weight"), Moved("feature", "weight"), Moved("kl", "temperature")
     perturb_prob = Moved(None, "p")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -242,10 +243,11 @@ class CompetitiveGroup:
     __exit__ = lambda self, *exc: self.close()  # noqa: E731
 
 
-def _count(counters: Any, teacher: Tensor, nonfinite: Tensor, perturbed: int | None) -> None:
+def _count(counters: Any, teacher: Tensor, valid: Tensor, nonfinite: Tensor, perturbed: int | None) -> None:
     """One step into the counters (``parts.counters``), on the device: nothing is read back."""
     share = (teacher.unsqueeze(-1) == counters.members).float()
-    share = share.mean(0) if share.dim() == 2 else share  # per sample: share of the batch taught
+    if share.dim() > 1:  # per sample or position: the share of the valid ones taught
+        share = (share * valid.unsqueeze(-1)).flatten(0, -2).sum(0) / valid.sum().clamp_min(1)
     counters.teacher_count += share
     batch_teacher = torch.where(share.sum() > 0, share.argmax(), -1)  # -1: no member could teach
     last = counters.last_teacher

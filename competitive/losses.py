@@ -5,8 +5,7 @@ compiled with ``torch.compile(fullgraph=True)``): cross-entropy, the competition
 the teacher, the rule's matrix ``W``), then every knowledge term. Every rule turns per-member
 scores into ``W`` with ``W[..., i, j]`` = how much member ``i`` learns from member ``j``: rows of
 students sum to 1 and the teacher's row is 0, so one loss function serves every rule. This module
-also holds what every term reads (:class:`StepOutputs`) and the helpers that weight by ``W``.
-Nothing here reads a tensor back to the host or branches on a tensor value in Python, so it runs
+also holds what every term reads (:class:`StepOutputs`). Nothing here reads a tensor back to the host or branches on a tensor value in Python, so it runs
 under ``torch.compile`` with ``fullgraph=True`` and never syncs a GPU with the host.
 """
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 RULES = ("best", "better", "mutual", "independent")
-GRANULARITIES = ("batch", "sample")
+GRANULARITIES = ("batch", "sample", "position")
 
 
 def check_rule(rule: str, granularity: str = "batch") -> None:
@@ -37,14 +36,12 @@ def teacher_index(ce: Tensor) -> Tensor:
     """Index of the member with the lowest finite cross-entropy (paper Eq. 4).
 
     Args:
-        ce (Tensor): cross-entropies of shape ``[..., N]``: ``[N]`` for one teacher per batch,
-            ``[B, N]`` for one teacher per sample.
+        ce (Tensor): cross-entropies ``[..., N]``: ``[N]`` for one teacher per batch, ``[B, N]`` per
+            sample, ``[R, N]`` per position.
 
     Returns:
-        LongTensor of shape ``ce.shape[:-1]``. Ties go to the lowest index. Where every entry is
-        NaN or inf there is no teacher and the index is ``-1`` (this pure function cannot raise
-        without reading the values back; :class:`~competitive.CompetitiveGroup` raises a
-        ``RuntimeError`` when no member's loss is finite).
+        LongTensor of shape ``ce.shape[:-1]``. Ties go to the lowest index; ``-1`` where every entry
+        is NaN or inf (no teacher; the group raises when no member's loss is finite).
 
     Example:
         >>> teacher_index(torch.tensor([0.9, 0.4, torch.nan, 0.4]))
@@ -54,34 +51,6 @@ def teacher_index(ce: Tensor) -> Tensor:
     # argmin returns the first of several minima: ties go to the lowest index
     index = key.argmin(dim=-1)
     return torch.where(torch.isfinite(ce).any(dim=-1), index, torch.full_like(index, -1))
-
-
-def distillation_weights(ce: Tensor, *, rule: str = "best") -> Tensor:
-    """The weight matrix ``W`` of a selection rule.
-
-    Args:
-        ce (Tensor): cross-entropies of shape ``[..., N]`` (see :func:`teacher_index`).
-        rule (str): one of
-
-            - ``"best"`` (default, paper Eq. 4): the member with the lowest CE teaches all others.
-            - ``"better"`` (the authors' public code): each member learns from every member with
-              a lower CE, averaged.
-            - ``"mutual"`` (deep mutual learning): each member learns from every other member,
-              averaged.
-            - ``"independent"``: nobody learns from anybody (``W = 0``).
-
-    Returns:
-        Float tensor of shape ``[..., N, N]``. Members with a NaN or inf CE never teach (their
-        column is 0); ties in CE go to the lowest index.
-
-    Example:
-        >>> distillation_weights(torch.tensor([0.9, 0.4, 0.7]), rule="best")
-        tensor([[0., 1., 0.],
-                [0., 0., 0.],
-                [0., 1., 0.]])
-    """
-    check_rule(rule)
-    return weights_for_teacher(ce, rule=rule, teacher=teacher_index(ce) if rule == "best" else None)
 
 
 def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Tensor:
@@ -108,7 +77,7 @@ def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Ten
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
-# -- what every term reads, and the helpers that weight by W ------------------------------
+# -- what every term reads ------------------------------------------------------------------
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -121,29 +90,22 @@ def per_sample(weights: Tensor, batch: int) -> Tensor:
     return weights.expand(batch, -1, -1) if weights.dim() == 2 else weights
 
 
-def weighted(weights: Tensor, pair: Tensor) -> Tensor:
-    """``sum_j W[b, i, j] * pair[i, j, b]``, averaged over ``b``: ``[N]``.
-
-    ``pair`` is ``[N, N, B]`` (member ``i`` towards member ``j``, per sample). A pair with weight
-    0 contributes exactly 0 even where its value is NaN or inf, so a member that cannot teach
-    never poisons another.
-    """
-    w = per_sample(weights, pair.shape[-1]).permute(1, 2, 0).to(pair.dtype)  # [N, N, B]
-    return torch.where(w > 0, w * pair, 0.0).sum(dim=1).mean(dim=-1)
-
-
 class StepOutputs(NamedTuple):
-    """What the members produced this step, as every term sees it.
+    """What the members produced this step, as every term sees it. Predictions per position are
+    flattened into rows, ``R = B * d1 * ... * dk`` (``R = B`` for logits ``[B, C]``).
 
     Attributes:
-        logits (list of Tensor): ``N`` tensors ``[B, C]``, as the members returned them.
-        log_probs (Tensor): ``[N, B, C]`` log-softmax of the logits (at least float32).
-        labels (Tensor): ``[N, B]`` the class each member was trained towards per sample (the
-            argmax of a mixed label).
-        teaches (BoolTensor): ``[N, B]`` where member ``j``'s outputs on sample ``b`` are all finite,
-            so it may act as a target; terms mask every other value out of the targets.
+        logits (list of Tensor): ``N`` tensors ``[R, C]``, the class dimension last.
+        log_probs (Tensor): ``[N, R, C]`` log-softmax of the logits (at least float32).
+        labels (Tensor): ``[N, R]`` the class each member was trained towards (the argmax of a mixed
+            label; ``ignore_index`` where the position is ignored).
+        teaches (BoolTensor): ``[N, B]`` where member ``j``'s outputs on sample ``b`` are all finite
+            (and the sample has a valid position), so it may act as a target there.
         features (list of Tensor or None): the hooked feature maps, ``[B, ...]`` per member.
         embeddings (list of Tensor or None): the hooked embeddings, ``[B, D_i]`` per member.
+        valid (BoolTensor or None): ``[N, R]`` rows whose target is not ignored (None: all).
+        teaches_at (BoolTensor or None): ``[N, R]`` rows where member ``j`` may be a target.
+        positions (tuple of int): ``(d1, ..., dk)``; ``()`` for ``[B, C]`` logits.
     """
 
     logits: Sequence[Tensor]
@@ -152,6 +114,9 @@ class StepOutputs(NamedTuple):
     teaches: Tensor
     features: Sequence[Tensor] | None = None
     embeddings: Sequence[Tensor] | None = None
+    valid: Tensor | None = None
+    teaches_at: Tensor | None = None
+    positions: tuple[int, ...] = ()
 
     def hooked(self, need: str) -> Sequence[Tensor]:
         """``features`` or ``embeddings``, which a term that reads them needs (the group captures both
@@ -166,7 +131,8 @@ class StepOutputs(NamedTuple):
 
 
 class KnowledgeTerm(Protocol):
-    """What the step math calls a term: a name and ``(outputs, W) -> [N]`` (a :class:`~competitive.Term`)."""
+    """What the step math calls a term: a name and ``(outputs, W) -> [N]`` (a :class:`~competitive.Term`);
+    a term with ``per_position = True`` gets ``W`` per row of :class:`StepOutputs`, others per sample."""
 
     @property
     def name(self) -> str: ...
@@ -176,22 +142,19 @@ class KnowledgeTerm(Protocol):
 
 class StepLosses(NamedTuple):
     """What :func:`step_losses` computed: ``ce`` ``[N]``, ``terms`` (name -> unweighted ``[N]``),
-    ``teacher`` (scalar or ``[B]``, ``-1`` where no member may teach) and ``weights`` (``W``)."""
+    ``teacher`` (scalar, ``[B]`` or ``[B, d1..dk]``; ``-1`` where no member may teach), ``weights``
+    (``W``: ``teacher.shape + [N, N]``) and ``valid`` (where ``teacher`` counts: not ignored)."""
 
     ce: Tensor
     terms: dict[str, Tensor]
     teacher: Tensor
     weights: Tensor
+    valid: Tensor | None = None
 
 
 def cross_entropy(log_probs: Tensor, targets: Tensor) -> Tensor:
-    """Per-member, per-sample cross-entropy ``[N, B]`` (paper Eq. 7).
-
-    Args:
-        log_probs (Tensor): ``[N, B, C]`` log-softmax of each member's logits.
-        targets (Tensor): class indices ``[B]`` shared by all members, one row of indices per
-            member ``[N, B]``, or one (soft) label distribution per member ``[N, B, C]``.
-    """
+    """Per-member, per-row cross-entropy ``[N, R]`` (paper Eq. 7) of log-probabilities ``[N, R, C]``
+    and class indices ``[R]`` (shared) or ``[N, R]``, or label distributions ``[N, R, C]``."""
     if targets.dim() == 1:
         targets = targets.expand(log_probs.shape[0], -1)
     if targets.dim() == 2:
@@ -200,21 +163,12 @@ def cross_entropy(log_probs: Tensor, targets: Tensor) -> Tensor:
 
 
 def competition_score(ce_per_sample: Tensor, targets: Tensor) -> Tensor:
-    """What the members compete on, per sample ``[N, B]``: ``KL(label || p) = CE - H(label)``.
-
-    Identical to the CE for hard labels; for a mixed (soft) label it does not count the label's
-    own entropy against the member that was trained on it (a member predicting a 50/50 mix exactly
-    scores 0, not 0.69).
-    """
+    """What the members compete on, per row ``[N, R]``: ``KL(label || p) = CE - H(label)``: the CE for
+    hard labels; a member predicting a 50/50 mixed label exactly scores 0, not 0.69."""
     score = ce_per_sample.detach()
     if targets.dim() == 3:
         score = score + torch.xlogy(targets, targets).sum(dim=-1)
     return score
-
-
-def _finite_samples(values: Sequence[Tensor], batch: int) -> Tensor:
-    """``[N, B]``: where each member's hooked output is all finite."""
-    return torch.stack([torch.isfinite(v.detach().reshape(batch, -1)).all(dim=1) for v in values])
 
 
 def step_losses(
@@ -228,29 +182,46 @@ def step_losses(
     granularity: str = "batch",
     reduce_score: Callable[[Tensor], Tensor] | None = None,
     fixed_teacher: int | None = None,
+    class_dim: int = 1,
+    ignore_index: int = -100,
 ) -> StepLosses:
     """Cross-entropy, competition, ``W`` and every term: one group step's math, without weights.
 
-    A member may teach a sample only where its CE and all its hooked outputs are finite; the
-    teacher is the member with the lowest :func:`competition_score` among those (ties: lowest
-    index). Every term reads the same ``W``.
+    A member may teach a position only where its target is not ``ignore_index`` and its CE and all
+    its hooked outputs are finite; the teacher is the member with the lowest :func:`competition_score`
+    among those (ties: lowest index), averaged over the valid positions of the batch (``"batch"``),
+    of each sample (``"sample"``), or not at all (``"position"``). Every term reads the same ``W``.
 
     Args:
-        logits (sequence of Tensor): ``N`` tensors ``[B, C]``.
-        targets (Tensor): ``[B]`` or ``[N, B]`` class indices, or ``[N, B, C]`` label rows.
-        terms (sequence of Term): the knowledge terms. Default: none (CE only).
-        features, embeddings (sequence of Tensor, optional): per-member hooked outputs.
-        rule (str): see :func:`~competitive.distillation_weights`. Default: ``"best"``.
-        granularity (str): ``"batch"`` (one teacher per batch, the paper) or ``"sample"``.
+        logits (sequence of Tensor): ``N`` tensors ``[B, C, d1..dk]`` (``k >= 0``; classes at ``class_dim``).
+        targets (Tensor): class indices ``[B, d1..dk]`` or ``[N, B, d1..dk]`` (``ignore_index``: ignored),
+            or label rows ``[N, B, C, d1..dk]`` (a row of zeros: ignored).
+        terms, features, embeddings: the knowledge terms (default none) and the hooked outputs they read.
+        rule, granularity, fixed_teacher: see :class:`~competitive.CompetitiveGroup`.
         reduce_score (callable, optional): applied to the batch scores ``[N]`` before selection
             (an all-reduce, so every process picks the same teacher). Only with ``"batch"``.
-        fixed_teacher (int, optional): this member teaches wherever it may (``rule="best"``).
     """
-    outputs, ce, teacher, weights = compete(
-        logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher
+    outputs, ce, teacher, weights, valid = compete(
+        logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher, class_dim, ignore_index
     )
-    values = {term.name: term(outputs, weights) for term in terms}
-    return StepLosses(ce, values, teacher, weights)
+    rows, samples = term_weights(weights, outputs)
+    values = {t.name: t(outputs, rows if getattr(t, "per_position", False) else samples) for t in terms}
+    if granularity == "position" and outputs.positions:  # in the layout of the targets: [B, d1..dk]
+        shape = (outputs.teaches.shape[1], *outputs.positions)
+        teacher, weights, valid = teacher.view(shape), weights.view(*shape, *weights.shape[-2:]), valid.view(shape)
+    return StepLosses(ce, values, teacher, weights, valid)
+
+
+def _rows(logits: Sequence[Tensor], targets: Tensor, class_dim: int, ignore_index: int) -> tuple[Tensor, ...]:
+    """Logits ``[N, R, C]`` (at least float32), targets ``[R]``, ``[N, R]`` or ``[N, R, C]``, ``valid [N, R]``."""
+    n, classes = len(logits), logits[0].shape[class_dim]
+    rows = torch.stack([upcast(z.movedim(class_dim, -1).reshape(-1, classes)) for z in logits])
+    if targets.is_floating_point():  # label rows [N, B, C, d1..dk]; zero rows are ignored
+        targets = targets.movedim(2, -1).reshape(n, -1, classes)
+        return rows, targets, (targets.sum(dim=-1) > 0)
+    targets = targets.reshape(-1) if targets.dim() == logits[0].dim() - 1 else targets.reshape(n, -1)
+    valid = targets != ignore_index
+    return rows, torch.where(valid, targets, 0), valid.expand(n, -1)
 
 
 def compete(
@@ -262,30 +233,62 @@ def compete(
     granularity: str,
     reduce_score: Callable[[Tensor], Tensor] | None,
     fixed_teacher: int | None = None,
-) -> tuple["StepOutputs", Tensor, Tensor, Tensor]:
-    """CE, which member may teach which sample, the teacher and ``W`` (Eq. 4, 7): what the terms read,
-    the mean CE ``[N]``, the teacher and ``W``."""
+    class_dim: int = 1,
+    ignore_index: int = -100,
+) -> tuple["StepOutputs", Tensor, Tensor, Tensor, Tensor]:
+    """CE, which member may teach which position, the teacher and ``W`` (Eq. 4, 7): what the terms
+    read, the mean CE over valid positions ``[N]``, the teacher, ``W`` (per row at ``"position"``)
+    and where the teacher counts."""
     check_rule(rule, granularity)
-    log_probs = torch.stack([upcast(z) for z in logits]).log_softmax(dim=-1)
-    ce_per_sample = cross_entropy(log_probs, targets)
-    batch = ce_per_sample.shape[1]
-    # a member may act as a target only where all its outputs are finite
-    teaches = torch.isfinite(ce_per_sample)
+    n, batch = len(logits), logits[0].shape[0]
+    positions = tuple(s for d, s in enumerate(logits[0].shape) if d not in (0, class_dim % logits[0].dim()))
+    rows, targets, valid = _rows(logits, targets, class_dim, ignore_index)
+    log_probs = rows.log_softmax(dim=-1)
+    ce_rows = torch.where(valid, cross_entropy(log_probs, targets), 0.0)
+    teaches_at = torch.isfinite(ce_rows) & valid  # a member may be a target only where finite
     for values in (features, embeddings):
         if values is not None:
-            teaches = teaches & _finite_samples(values, batch).to(teaches.device)
-    score = torch.where(teaches, competition_score(ce_per_sample, targets), torch.nan)
-    if granularity == "batch":
-        score = score.mean(dim=1)
-        if reduce_score is not None:
-            score = reduce_score(score)
-    else:
-        score = score.transpose(0, 1)  # [B, N]
+            finite = torch.stack([torch.isfinite(v.detach().reshape(batch, -1)).all(dim=1) for v in values])
+            teaches_at = (teaches_at.view(n, batch, -1) & finite.to(valid.device).unsqueeze(-1)).view(n, -1)
+    score = torch.where(valid, torch.where(teaches_at, competition_score(ce_rows, targets), torch.nan), 0.0)
+    score, has = _reduce(score, valid, granularity, batch, reduce_score)
     teacher = teacher_index(score)
-    if fixed_teacher is not None:
-        # offline KD: the fixed member teaches wherever its own outputs are finite
+    if fixed_teacher is not None:  # offline KD: the fixed member teaches wherever its own outputs are finite
         teacher = torch.where(torch.isfinite(score[..., fixed_teacher]), fixed_teacher, -1)
-    weights = weights_for_teacher(score, rule=rule, teacher=teacher)
-    labels = targets.argmax(dim=-1) if targets.dim() == 3 else targets.expand(len(logits), -1)
-    outputs = StepOutputs(logits, log_probs, labels, teaches, features, embeddings)
-    return outputs, ce_per_sample.mean(dim=1), teacher, weights
+    weights = torch.where(has.unsqueeze(-1), weights_for_teacher(score, rule=rule, teacher=teacher), 0.0)
+    ok = (teaches_at | ~valid).view(n, batch, -1).all(dim=-1) & valid.view(n, batch, -1).any(dim=-1)  # [N, B]
+    labels = targets.argmax(dim=-1) if targets.dim() == 3 else targets.expand(n, -1)
+    labels = torch.where(valid, labels, ignore_index)
+    outputs = StepOutputs(rows.unbind(0), log_probs, labels, ok, features, embeddings, valid, teaches_at, positions)
+    ce = ce_rows.sum(dim=1) / valid.sum(dim=1).to(ce_rows.dtype).clamp_min(1.0)  # mean over valid positions
+    return outputs, ce, teacher, weights, has.any(dim=-1)
+
+
+def _reduce(
+    score: Tensor, valid: Tensor, granularity: str, batch: int, reduce_score: Callable[[Tensor], Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """The scores ``[N, R]`` (0 where ignored) averaged over the valid positions of the batch ``[N]``, of
+    each sample ``[B, N]``, or none ``[R, N]``; and where each member has a valid position there."""
+    if granularity == "position":
+        return torch.where(valid, score, torch.nan).transpose(0, 1), valid.transpose(0, 1)
+    if granularity == "batch":
+        count = valid.sum(dim=1).to(score.dtype)
+        score = score.sum(dim=1) / count
+        return (score if reduce_score is None else reduce_score(score)), count > 0
+    if score.shape[1] != batch:  # positions: the mean over each sample's valid positions
+        count = valid.view(len(score), batch, -1).sum(dim=-1).to(score.dtype)
+        score, valid = score.view(len(score), batch, -1).sum(dim=-1) / count, count > 0
+    return score.transpose(0, 1), valid.transpose(0, 1)
+
+
+def term_weights(weights: Tensor, outputs: StepOutputs) -> tuple[Tensor, Tensor]:
+    """``W`` for the terms that read rows (``per_position``) and for those that read whole samples. A
+    sample's ``W`` at ``"position"``: the share of member ``i``'s valid positions that ``j`` teaches."""
+    if weights.dim() == 2 or not outputs.positions:
+        return weights, weights
+    n, batch = len(outputs.logits), outputs.teaches.shape[1]
+    if weights.shape[0] == batch:  # one W per sample, repeated over its positions
+        return weights.unsqueeze(1).expand(-1, len(outputs.log_probs[0]) // batch, -1, -1).reshape(-1, n, n), weights
+    valid = outputs.valid if outputs.valid is not None else outputs.teaches_at
+    count = valid.view(n, batch, -1).sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # [B, N, 1]
+    return weights, weights.view(batch, -1, n, n).sum(dim=1) / count.clamp_min(1).to(weights.dtype)

@@ -23,6 +23,7 @@ from .features import (
     extract_logits,
     resolve_hooks,
 )
+from .operations import member_targets
 from .perturbation import Draw, PerturbationPool
 
 
@@ -48,9 +49,12 @@ class Members:
         logits_from: Any = None,
         autocast_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
+        class_dim: int = 1,
+        ignore_index: int = -100,
     ):
         check_members(models, optimizers, feature_hooks, embedding_hooks)
-        check_member_settings(autocast_dtype, skip_nonfinite)
+        check_member_settings(autocast_dtype, skip_nonfinite, class_dim=class_dim, ignore_index=ignore_index)
+        self.class_dim, self.ignore_index = class_dim, ignore_index
         self.models, self.optimizers = list(models), list(optimizers)
         n = len(self.models)
         self.logits_from = check_logits_from(logits_from, n)
@@ -92,22 +96,24 @@ class Members:
         towards, and the hooked outputs in ``needs``; with ``cut``, cut from the members' graphs for
         :meth:`backward_and_step`. ``pool`` tries each of its operations on the first batch it
         sees, so one that cannot handle ``x`` is refused now."""
-        devices, n = self.devices, len(self.models)
+        devices, n, class_dim = self.devices, len(self.models), self.class_dim
         member = None if draw is None else draw.member
         logits = [self._forward(i, x, devices[i]) for i in range(n) if i != member]
-        num_classes = check_logits(logits, x.shape[0], [i for i in range(n) if i != member])
-        check_targets(y, num_classes)
+        layout = check_logits(logits, x.shape[0], [i for i in range(n) if i != member], class_dim)
+        check_targets(y, layout, self.ignore_index)
         if pool is not None and not pool.checked:
-            pool.check(x, y, num_classes=num_classes)
+            pool.check(x, y, num_classes=layout[0], ignore_index=self.ignore_index)
         targets = y.to(devices[0])
         if member is not None:
             if pool is None or draw is None:
                 raise ValueError(f"draw.member={member} names a perturbed member, so forward() needs the pool too.")
             on = devices[member]
-            x_p, y_p = pool.perturb(draw.operation, x.to(on), y.to(on), seed=draw.seed, num_classes=num_classes)
+            x_p, y_p = pool.perturb(
+                draw.operation, x.to(on), y.to(on), seed=draw.seed, num_classes=layout[0], ignore_index=self.ignore_index
+            )
             logits.insert(member, self._forward(member, x_p, on))
-            num_classes = check_logits(logits, x.shape[0], list(range(n)))
-            targets = member_targets(targets, y_p.to(devices[0]), member, n, num_classes)
+            check_logits(logits, x.shape[0], list(range(n)), class_dim)
+            targets = member_targets(targets, y_p.to(devices[0]), member, n, layout[0], self.ignore_index)
         return self._inputs(logits, targets, devices[0], Cut(n) if cut else None)
 
     def _inputs(self, logits: list[Tensor], targets: Tensor, device: torch.device, cut: "Cut | None") -> StepInputs:
@@ -234,18 +240,6 @@ class Cut:
         if pairs:
             outputs, grads = zip(*pairs)
             torch.autograd.backward(outputs, grads)
-
-
-def member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: int) -> Tensor:
-    """Per-member targets: the perturbed member's own labels beside everyone else's ``y``."""
-    if y_p.dim() == 1:  # new class indices (e.g. a permuted batch)
-        targets = y.expand(n, -1).clone()
-        targets[perturbed] = y_p
-        return targets
-    # mixing: member `perturbed` learns from soft labels, the rest from y
-    targets = torch.nn.functional.one_hot(y, num_classes).float().expand(n, -1, -1).clone()
-    targets[perturbed] = y_p.to(torch.float32)
-    return targets
 
 
 class NonfiniteWatch:

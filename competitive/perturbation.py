@@ -6,17 +6,23 @@ Randomness is kept apart from application, as in kornia's ``forward_parameters``
 ``torch.Generator``; ``perturb`` then runs deterministically from that seed on the batch's device.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-import kornia.augmentation as K
 import torch
-from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
 from torch import Tensor, nn
 
 from ._validation import real_scalar
-
-Operation = nn.Module | Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+from .operations import (  # noqa: F401  (InUnitRange, ResizedCrop: importable from here as before)
+    InUnitRange,
+    Operation,
+    ResizedCrop,
+    carries_dense_targets,
+    default_operations,
+    kind_of,
+    perturb_dense,
+    soft_labels,
+)
 
 # the authors' public code perturbs every tenth batch (train_competitive_distillation.py:
 # ``if i_batch % 10 == 0``); see README for 0.1 and 0.25 against no perturbation
@@ -32,74 +38,6 @@ class Draw(NamedTuple):
     seed: int
     name: str
     skipped: str | None = None
-
-
-class InUnitRange(nn.Module):
-    """Runs an image operation that assumes ``[0, 1]`` pixels on a batch in any normalization.
-
-    Each image is mapped to ``[0, 1]`` by its own minimum and maximum, perturbed, and mapped back,
-    so salt becomes the image's maximum and pepper its minimum. Nothing is clamped.
-    """
-
-    def __init__(self, op: nn.Module):
-        super().__init__()
-        self.op = op
-
-    def forward(self, x: Tensor) -> Tensor:
-        low = x.amin(dim=(1, 2, 3), keepdim=True)
-        span = (x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
-        perturbed: Tensor = self.op((x - low) / span)
-        return low + span * perturbed
-
-
-class ResizedCrop(nn.Module):
-    """Kornia's ``RandomResizedCrop`` at the input's own size, with area scale ``scale``."""
-
-    def __init__(self, scale: tuple[float, float] = (0.3, 0.7)):
-        super().__init__()
-        self.scale = scale
-        self.crops = nn.ModuleDict()
-
-    def forward(self, x: Tensor) -> Tensor:
-        key = "x".join(map(str, x.shape[-2:]))
-        if key not in self.crops:
-            self.crops[key] = K.RandomResizedCrop(tuple(x.shape[-2:]), scale=self.scale, p=1.0)
-        cropped: Tensor = self.crops[key](x)
-        return cropped
-
-
-def default_operations() -> dict[str, nn.Module]:
-    """Every operation the paper names, at settings beyond normal augmentation (paper §3.2)."""
-    return {
-        "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
-        "cutmix": K.RandomCutMixV2(cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]),
-        "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
-        "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
-        "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
-        "thin_plate_spline": K.RandomThinPlateSpline(scale=0.3, p=1.0),
-        "affine": K.RandomAffine(degrees=45.0, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20.0, p=1.0),
-        "resized_crop": ResizedCrop(scale=(0.3, 0.7)),
-    }
-
-
-def _kind(op: Operation) -> str:
-    """``"mix"`` (kornia mixing: images and labels), ``"image"`` (x -> x'), ``"pair"`` ((x, y) -> (x', y'))."""
-    if isinstance(op, MixAugmentationBaseV2):
-        return "mix"
-    if isinstance(op, (K.base._BasicAugmentationBase, K.AugmentationSequential, InUnitRange, ResizedCrop)):
-        return "image"
-    return "pair"
-
-
-def _soft_labels(y: Tensor, params: Tensor, num_classes: int) -> Tensor:
-    # kornia's mixing modules return rows (label, label of the pasted image, lambda)
-    params = params.reshape(-1, y.shape[0], 3)  # mixup: [B, 3]; cutmix: [num_mix, B, 3]
-    soft = torch.nn.functional.one_hot(y, num_classes).float()
-    for mix in params.unbind(0):
-        lam = mix[:, 2:3].float()
-        pasted = torch.nn.functional.one_hot(mix[:, 1].long(), num_classes).float()
-        soft = (1 - lam) * soft + lam * pasted
-    return soft
 
 
 class PerturbationPool(nn.Module):
@@ -142,6 +80,7 @@ class PerturbationPool(nn.Module):
             raise ValueError(f"Invalid p value {p!r} provided. Please provide a probability in [0, 1].")
         self.p, self.p_given = real, p is not None
         self.checked = False  # every operation tried once on the first batch (see check)
+        default = operations is None
         named: dict[str, Operation] = dict(default_operations()) if operations is None else {}
         if isinstance(operations, dict):
             named = dict(operations)
@@ -157,26 +96,24 @@ class PerturbationPool(nn.Module):
             )
         self.names = list(operations)
         self.operations = list(operations.values())
-        self.kinds = [_kind(op) for op in self.operations]
+        self.kinds = [kind_of(op) for op in self.operations]
         # modules live in a ModuleDict so .to() and state_dict() see them
         self.modules_ = nn.ModuleDict({n: op for n, op in operations.items() if isinstance(op, nn.Module)})
-        weights = [1.0] * len(self.names) if weights is None else list(weights)
-        finite = all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights)
-        if len(weights) != len(self.names) or not finite or sum(weights) <= 0:
-            raise ValueError(
-                f"Invalid weights {weights}: please provide {len(self.names)} finite, non-negative "
-                "numbers with a positive sum, one per operation."
-            )
         # a plain CPU tensor, not a buffer: .to(device) must not move the draws onto the GPU
-        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.weights = _checked_weights(weights, len(self.names))
+        # with dense targets the default pool leaves out what cannot move them (thin-plate-spline)
+        dense = [not default or carries_dense_targets(op) for op in self.operations]
+        self.dense_weights = self.weights * torch.tensor(dense, dtype=torch.float64)
 
-    def draw(self, generator: torch.Generator, members: int, x: Tensor) -> Draw:
+    def draw(self, generator: torch.Generator, members: int, x: Tensor, y: Tensor | None = None) -> Draw:
         """This step's :class:`Draw` from a CPU ``generator``: with probability ``p`` one of ``members``
         (uniformly) sees an operation (by ``weights``) with its own seed. The same four numbers are
-        drawn whatever the outcome, so a run's later draws do not depend on ``p``'s earlier ones."""
+        drawn whatever the outcome, so a run's later draws do not depend on ``p``'s earlier ones. With
+        dense targets ``y`` (``[B, d1, ...]``) the default pool draws only operations that move them."""
         perturb = torch.rand((), generator=generator).item() < self.p
         member = int(torch.randint(members, (), generator=generator))
-        index = int(torch.multinomial(self.weights, 1, generator=generator).item())
+        weights = self.dense_weights if y is not None and y.dim() > 1 else self.weights
+        index = int(torch.multinomial(weights, 1, generator=generator).item())
         seed = int(torch.randint(2**62, (), generator=generator).item())
         skipped = None
         if perturb and not self.can_apply(index, x):
@@ -187,11 +124,18 @@ class PerturbationPool(nn.Module):
         """Whether operation ``index`` can run on ``x`` (mixing needs a batch of at least 2)."""
         return self.kinds[index] != "mix" or x.shape[0] >= 2
 
-    def check(self, x: Tensor, y: Tensor, *, num_classes: int) -> None:
+    def check(self, x: Tensor, y: Tensor, *, num_classes: int, ignore_index: int = -100) -> None:
         """Run every operation once on (a slice of) the batch, so that inputs an operation cannot
         handle are refused now, naming it, and not at a random later step. Draws nothing from any
         generator the caller sees."""
         self.checked = True
+        weights = self.dense_weights if y.dim() > 1 else self.weights
+        cannot = [n for n, op, w in zip(self.names, self.operations, weights) if w > 0 and not carries_dense_targets(op)]
+        if y.dim() > 1 and cannot:
+            raise ValueError(
+                f"Perturbations {cannot} cannot move dense targets of shape {list(y.shape)} with the image (kornia "
+                "cannot warp masks with them). Leave them out of the pool, or give them weight 0."
+            )
         if x.dim() != 4:
             raise ValueError(
                 f"Perturbation {self.names[0]!r} needs an image batch [B, C, H, W]; got inputs of shape "
@@ -199,10 +143,10 @@ class PerturbationPool(nn.Module):
             )
         x, y = x[:2].detach(), y[:2]
         for index, name in enumerate(self.names):
-            if not self.can_apply(index, x):
+            if not self.can_apply(index, x) or weights[index] == 0:
                 continue
             try:
-                self.perturb(index, x, y, seed=0, num_classes=num_classes)
+                self.perturb(index, x, y, seed=0, num_classes=num_classes, ignore_index=ignore_index)
             except Exception as error:  # kornia's own checks raise their BaseError
                 if isinstance(error, (ValueError, TypeError)) and name in str(error):
                     raise
@@ -214,12 +158,16 @@ class PerturbationPool(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, operations={self.names}"
 
-    def perturb(self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    def perturb(
+        self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int, ignore_index: int = -100
+    ) -> tuple[Tensor, Tensor]:
         """Apply operation ``index`` to the batch ``(x, y)``, deterministically from ``seed``.
 
         Returns ``(x', y')``: ``y'`` stays class indices ``[B]`` unless the operation mixes images,
         then it is ``[B, num_classes]`` with rows summing to 1. An operation of the ``(x, y) ->
-        (x', y')`` kind may return new class indices ``[B]`` (they are used) or label rows.
+        (x', y')`` kind may return new class indices ``[B]`` (they are used) or label rows. Dense
+        targets ``[B, H, W]`` move with the image (:mod:`competitive.operations`): warped (``ignore_index``
+        where ignored or brought in), or label rows ``[B, C, H, W]`` from mixing (zeros: ignored).
         """
         op, kind, name = self.operations[index], self.kinds[index], self.names[index]
         if x.dim() != 4:
@@ -233,11 +181,26 @@ class PerturbationPool(nn.Module):
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
             torch.manual_seed(seed)
             try:
+                if y.dim() > 1 and kind != "pair":  # dense targets move with the image
+                    return _checked_dense(perturb_dense(op, kind, x, y, num_classes, ignore_index), x, y, name, kind)
                 # an "image" operation is a module x -> x'; the others take (x, y)
                 out = cast(nn.Module, op)(x) if kind == "image" else op(x, y)
             except TypeError as error:
                 raise TypeError(f"Perturbation {name!r} could not be called: {error}. {_EXPECTED[kind]}") from error
+        if y.dim() > 1:
+            return _checked_dense(out, x, y, name, kind, num_classes, ignore_index)
         return _checked(out, x, y, kind, name, num_classes)
+
+
+def _checked_weights(weights: Sequence[float] | None, count: int) -> Tensor:
+    weights = [1.0] * count if weights is None else list(weights)
+    finite = all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights)
+    if len(weights) != count or not finite or sum(weights) <= 0:
+        raise ValueError(
+            f"Invalid weights {weights}: please provide {count} finite, non-negative "
+            "numbers with a positive sum, one per operation."
+        )
+    return torch.tensor(weights, dtype=torch.float64)
 
 
 def _checked(out: Any, x: Tensor, y: Tensor, kind: str, name: str, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -246,7 +209,7 @@ def _checked(out: Any, x: Tensor, y: Tensor, kind: str, name: str, num_classes: 
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
         images, params = out
-        return images, _soft_labels(y, params.to(x.device), num_classes)
+        return images, soft_labels(y, params.to(x.device), num_classes)
     if kind == "image":
         if not isinstance(out, Tensor):
             raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
@@ -262,6 +225,42 @@ def _checked(out: Any, x: Tensor, y: Tensor, kind: str, name: str, num_classes: 
         )
     _check_labels(name, y_out, num_classes)
     return images, y_out
+
+
+def _checked_dense(
+    out: Any, x: Tensor, y: Tensor, name: str, kind: str, num_classes: int = 0, ignore: int = -100
+) -> tuple[Tensor, Tensor]:
+    """``(x', y')`` for dense targets: class indices shaped as ``y`` or label rows ``[B, C, d1, ...]``."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
+        raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
+    images, y_out = out
+    rows = (y.shape[0], num_classes or -1, *y.shape[1:])
+    if images.shape != x.shape or not (y_out.shape == y.shape or (y_out.dim() == y.dim() + 1 and y_out.is_floating_point())):
+        raise ValueError(
+            f"Perturbation {name!r} returned inputs {list(images.shape)} and targets {list(y_out.shape)}; expected "
+            f"inputs {list(x.shape)} and targets {list(y.shape)} (class indices) or {list(rows)} (label rows)."
+        )
+    if num_classes and y_out.shape == y.shape:
+        ok = (((y_out >= 0) & (y_out < num_classes)) | (y_out == ignore)).all()
+        _raise_unless(ok, f"Perturbation {name!r} returned class indices outside [0, {num_classes}) other than {ignore}.")
+    elif num_classes:
+        total = y_out.sum(dim=1)
+        ok = (y_out >= 0).all() & (((total - 1).abs() <= 1e-3) | (total == 0)).all()
+        _raise_unless(
+            ok,
+            f"Perturbation {name!r} returned label rows that are not distributions: every entry must be >= 0 and "
+            "every row along dim 1 must sum to 1 (or to 0 where the position is ignored).",
+        )
+    return images, y_out
+
+
+def _raise_unless(ok: Tensor, message: str) -> None:
+    """A ValueError at once on the CPU; on a GPU a device-side assert, without waiting for it."""
+    if ok.device.type == "cpu":
+        if not ok:
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
 
 
 _EXPECTED = {
@@ -290,8 +289,4 @@ def _check_labels(name: str, y: Tensor, num_classes: int) -> None:
             f"Perturbation {name!r} returned label rows that are not distributions "
             "(every entry must be >= 0 and every row must sum to 1)."
         )
-    if y.device.type == "cpu":
-        if not ok:
-            raise ValueError(message)
-    else:
-        torch._assert_async(ok, message)  # checked on the device, without waiting for it
+    _raise_unless(ok, message)

@@ -12,16 +12,17 @@ class StepResult:
 
     Attributes:
         teacher (LongTensor): the member that taught (the lowest finite competition score); a
-            scalar, or ``[B]`` with ``granularity="sample"``; ``-1`` where no member could teach.
-            Reported for every rule.
+            scalar, ``[B]`` with ``granularity="sample"``, ``[B, d1..dk]`` with ``"position"``; ``-1``
+            where no member could teach (or the position is ignored). Reported for every rule.
         ce (Tensor): ``[N]`` each member's cross-entropy.
         terms (dict of str to Tensor): each knowledge term's unweighted ``[N]`` value, by name.
         loss (Tensor): ``[N]``, ``ce + ramp * sum_t weight_t * terms[t]``.
-        weights (Tensor): the distillation matrix ``W`` (``[N, N]`` or ``[B, N, N]``).
+        weights (Tensor): the distillation matrix ``W``, ``teacher.shape + [N, N]``.
         nonfinite (BoolTensor): ``[N]``, members whose loss is NaN or inf this step.
         perturbed (int or None): the member that saw the perturbed batch.
         perturbation (str or None): the name of the operation it saw.
         skipped (str or None): why a drawn perturbation was not applied this step.
+        valid (BoolTensor or None): where ``teacher`` counts (not ignored), its shape; None: everywhere.
 
     Example:
         >>> from torch import nn
@@ -44,6 +45,7 @@ class StepResult:
     perturbed: int | None = None
     perturbation: str | None = None
     skipped: str | None = None
+    valid: Tensor | None = None
 
     @property
     def kl(self) -> Tensor:
@@ -59,13 +61,15 @@ class StepResult:
         """A flat mapping of Python floats for loggers (``log_dict``, ``add_scalars``, CSV).
 
         Keys: ``ce/i``, ``loss/i``, ``<term>/i`` for each term, ``teacher_share/i`` (the share of
-        the batch member ``i`` taught), ``teacher`` (the batch's teacher, ``-1`` if none) and
+        the batch's valid samples or positions member ``i`` taught), ``teacher`` (the batch's teacher, ``-1`` if none) and
         ``perturbed`` (when a member was perturbed). Building it reads the values back to the host
         (one copy); the step itself does not.
         """
         n = self.ce.numel()
         teacher = self.teacher.reshape(-1)
-        share = (teacher.unsqueeze(-1) == torch.arange(n, device=teacher.device)).float().mean(0)
+        valid = torch.ones_like(teacher, dtype=torch.bool) if self.valid is None else self.valid.reshape(-1)
+        taught = (teacher.unsqueeze(-1) == torch.arange(n, device=teacher.device)) & valid.unsqueeze(-1)
+        share = taught.float().sum(0) / valid.sum().clamp_min(1)
         rows = {"ce": self.ce, "loss": self.loss, **self.terms, "teacher_share": share}
         names = list(rows)
         values = torch.stack([rows[k].detach().float().to(self.ce.device) for k in names]).cpu()

@@ -1,6 +1,7 @@
 """Who learns from whom: the selection rules (paper §3.1, Eq. 4). They live with the rest of the
 step math in :mod:`competitive.losses`; this module names them on their own."""
 
-from .losses import GRANULARITIES, RULES, check_rule, distillation_weights, teacher_index, weights_for_teacher
+from .functional import distillation_weights
+from .losses import GRANULARITIES, RULES, check_rule, teacher_index, weights_for_teacher
 
 __all__ = ["GRANULARITIES", "RULES", "check_rule", "distillation_weights", "teacher_index", "weights_for_teacher"]

@@ -131,15 +131,15 @@ def test_batch_that_is_not_inputs_targets(batch):
 
 def test_members_disagree_on_number_of_classes():
     m = _models() + [_models(1, classes=5)[0]]
-    with pytest.raises(ValueError, match=r"Members disagree on the number of classes: \[3, 3, 5\]"):
+    with pytest.raises(ValueError, match=r"Members disagree on the number of classes or the positions: .*models\[2\]: C=5"):
         CompetitiveGroup(m, _opts(m)).step(_batch())
 
 
 def test_targets_out_of_range():
     group = _group()
-    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 3\); got values in \[0, 7\]"):
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 3\) or be ignore_index=-100; got \[7\]"):
         group.step((torch.randn(2, 4), torch.tensor([0, 7])))
-    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"got \[-1\]"):
         group.step((torch.randn(2, 4), torch.tensor([-1, 1])))
 
 

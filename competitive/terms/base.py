@@ -19,9 +19,22 @@ from typing import Any, ClassVar, TypeVar
 from torch import Tensor, nn
 
 from .._validation import check_real
-from ..losses import StepOutputs, per_sample, upcast, weighted
+import torch
+
+from ..losses import StepOutputs, per_sample, upcast
 
 __all__ = ["TERMS", "StepOutputs", "Term", "per_sample", "register_term", "resolve_terms", "upcast", "weighted"]
+
+
+def weighted(weights: Tensor, pair: Tensor) -> Tensor:
+    """``sum_j W[b, i, j] * pair[i, j, b]``, averaged over ``b``: ``[N]``.
+
+    ``pair`` is ``[N, N, B]`` (member ``i`` towards member ``j``, per sample). A pair with weight
+    0 contributes exactly 0 even where its value is NaN or inf, so a member that cannot teach
+    never poisons another.
+    """
+    w = per_sample(weights, pair.shape[-1]).permute(1, 2, 0).to(pair.dtype)  # [N, N, B]
+    return torch.where(w > 0, w * pair, 0.0).sum(dim=1).mean(dim=-1)
 
 
 class Term(nn.Module):
@@ -32,11 +45,14 @@ class Term(nn.Module):
             ``L_i = CE_i + sum_terms weight * term_i``. Default: 1.
 
     Subclasses set ``name`` (the key of the term in ``StepResult.terms``) and ``needs`` (which of
-    ``"features"`` / ``"embeddings"`` the group must capture for it).
+    ``"features"`` / ``"embeddings"`` the group must capture for it). A term with ``per_position``
+    reads ``W`` per row of :class:`StepOutputs` (one per position); the others get it per sample
+    (at ``granularity="position"``: the share of a sample's valid positions ``j`` teaches ``i``).
     """
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()
+    per_position: ClassVar[bool] = False
     in_group: bool = False  # set by the group whose parts it joins: a term belongs to one group
 
     def __init__(self, weight: float = 1.0):

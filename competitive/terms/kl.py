@@ -16,11 +16,14 @@ def kl_term(
     *,
     temperature: float = 1.0,
     logits: Sequence[Tensor] | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """``tau^2 * sum_j W_ij KL(p_j || p_i)`` per member, ``batchmean`` over the samples: ``[N]``.
+    """``tau^2 * sum_j W_ij KL(p_j || p_i)`` per member and row, averaged over the rows: ``[N]``.
 
-    ``p = softmax(z / tau)``. ``p_j`` is a target (no gradient reaches the teacher through it), and
-    a member that cannot teach (``teaches`` False) contributes nothing.
+    Rows are samples (``batchmean``) or positions: ``log_probs`` ``[N, R, C]``, ``teaches`` ``[N, R]``,
+    ``W`` ``[N, N]`` or ``[R, N, N]``. ``p = softmax(z / tau)``. ``p_j`` is a target (no gradient
+    reaches the teacher through it); where ``teaches`` is False member ``j`` contributes nothing.
+    With ``valid`` ``[N, R]`` the mean is over each student's valid rows only.
     """
     if temperature != 1.0:
         if logits is None:
@@ -33,12 +36,18 @@ def kl_term(
     q = torch.einsum("bij,jbc->ibc", w, p)
     neg_entropy = torch.xlogy(p, p).sum(dim=-1)  # [N, B]
     kl = torch.einsum("bij,jb->ib", w, neg_entropy) - (q * log_probs).sum(dim=-1)
-    return kl.mean(dim=1) * temperature**2
+    if valid is None:
+        return kl.mean(dim=1) * temperature**2
+    kl = torch.where(valid, kl, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(kl.dtype)
+    return kl * temperature**2
 
 
 @register_term("kl")
 class KL(Term):
     """Logit distillation, ``tau^2 * sum_j W_ij KL(softmax(z_j / tau) || softmax(z_i / tau))`` (Eq. 9).
+
+    With predictions per position it is computed at every position, with that position's ``W``
+    (``per_position``), and averaged over the student's valid positions (``[B, C]``: the batch mean).
 
     Args:
         weight (float): ``alpha``. Default: 1.
@@ -52,12 +61,17 @@ class KL(Term):
         tensor([0.0000, 1.5232])
     """
 
+    per_position = True  # reads W per row of StepOutputs
+
     def __init__(self, weight: float = 1.0, *, temperature: float = 1.0):
         super().__init__(weight)
         self.temperature = check_real("temperature", temperature, positive=True)
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
-        return kl_term(outputs.log_probs, outputs.teaches, weights, temperature=self.temperature, logits=outputs.logits)
+        teaches = outputs.teaches if outputs.teaches_at is None else outputs.teaches_at
+        return kl_term(
+            outputs.log_probs, teaches, weights, temperature=self.temperature, logits=outputs.logits, valid=outputs.valid
+        )
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, temperature={self.temperature}"

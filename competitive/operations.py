@@ -1,0 +1,149 @@
+"""The operations of a :class:`~competitive.PerturbationPool` (paper §3.2) and how each moves the
+targets: class indices ``[B]`` (mixing gives label rows ``[B, C]``) or dense targets ``[B, d1, d2]``
+(segmentation maps), where geometric operations warp the targets with the image through kornia's
+``AugmentationSequential(..., data_keys=["input", "mask"])`` (nearest neighbour; pixels the warp brings
+in are ignored), mixing gives label rows per position ``[B, C, d1, d2]`` (a row of zeros where a pixel
+is ignored) and photometric operations leave the targets as they are.
+"""
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
+from torch import Tensor, nn
+
+Operation = nn.Module | Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class InUnitRange(nn.Module):
+    """Runs an image operation that assumes ``[0, 1]`` pixels on a batch in any normalization.
+
+    Each image is mapped to ``[0, 1]`` by its own minimum and maximum, perturbed, and mapped back,
+    so salt becomes the image's maximum and pepper its minimum. Nothing is clamped.
+    """
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        low = x.amin(dim=(1, 2, 3), keepdim=True)
+        span = (x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
+        perturbed: Tensor = self.op((x - low) / span)
+        return low + span * perturbed
+
+
+class ResizedCrop(nn.Module):
+    """Kornia's ``RandomResizedCrop`` at the input's own size, with area scale ``scale``."""
+
+    def __init__(self, scale: tuple[float, float] = (0.3, 0.7)):
+        super().__init__()
+        self.scale = scale
+        self.crops = nn.ModuleDict()
+
+    def forward(self, x: Tensor) -> Tensor:
+        cropped: Tensor = self.crop(x)(x)
+        return cropped
+
+    def crop(self, x: Tensor) -> nn.Module:
+        """The crop for inputs of ``x``'s size (one kornia module per size)."""
+        key = "x".join(map(str, x.shape[-2:]))
+        if key not in self.crops:
+            self.crops[key] = K.RandomResizedCrop(tuple(x.shape[-2:]), scale=self.scale, p=1.0)
+        return self.crops[key]
+
+
+def default_operations() -> dict[str, nn.Module]:
+    """Every operation the paper names, at settings beyond normal augmentation (paper §3.2)."""
+    return {
+        "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
+        "cutmix": K.RandomCutMixV2(cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]),
+        "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
+        "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
+        "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
+        "thin_plate_spline": K.RandomThinPlateSpline(scale=0.3, p=1.0),
+        "affine": K.RandomAffine(degrees=45.0, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20.0, p=1.0),
+        "resized_crop": ResizedCrop(scale=(0.3, 0.7)),
+    }
+
+
+def kind_of(op: Operation) -> str:
+    """``"mix"`` (kornia mixing: images and labels), ``"image"`` (x -> x'), ``"pair"`` ((x, y) -> (x', y'))."""
+    if isinstance(op, MixAugmentationBaseV2):
+        return "mix"
+    if isinstance(op, (K.base._BasicAugmentationBase, K.AugmentationSequential, InUnitRange, ResizedCrop)):
+        return "image"
+    return "pair"
+
+
+def soft_labels(y: Tensor, params: Tensor, num_classes: int) -> Tensor:
+    # kornia's mixing modules return rows (label, label of the pasted image, lambda)
+    params = params.reshape(-1, y.shape[0], 3)  # mixup: [B, 3]; cutmix: [num_mix, B, 3]
+    soft = torch.nn.functional.one_hot(y, num_classes).float()
+    for mix in params.unbind(0):
+        lam = mix[:, 2:3].float()
+        pasted = torch.nn.functional.one_hot(mix[:, 1].long(), num_classes).float()
+        soft = (1 - lam) * soft + lam * pasted
+    return soft
+
+
+def carries_dense_targets(op: Operation) -> bool:
+    """Whether the pool can move dense targets with ``op``: mixing and photometric operations always,
+    a geometric kornia module where kornia can warp masks with it (not ``RandomThinPlateSpline``)."""
+    if isinstance(op, (InUnitRange, ResizedCrop, K.IntensityAugmentationBase2D)) or kind_of(op) != "image":
+        return True
+    base = K.base._AugmentationBase.apply_transform_mask
+    return not isinstance(op, K.base._AugmentationBase) or type(op).apply_transform_mask is not base
+
+
+def perturb_dense(op: Operation, kind: str, x: Tensor, y: Tensor, num_classes: int, ignore: int) -> tuple[Tensor, Any]:
+    """``op`` on images ``x`` with dense targets ``y`` ``[B, H, W]``: ``(x', y')``, ``y'`` class indices
+    ``[B, H, W]`` (``ignore`` where ignored or brought in) or label rows ``[B, C, H, W]`` (mixing)."""
+    batch = torch.arange(x.shape[0], device=x.device)
+    if isinstance(op, K.RandomMixUpV2):  # the pairs and lambdas come back as the "class" rows
+        images, params = op(x, batch)
+        pairs = params.reshape(-1, 3).to(x.device)
+        lam, pasted = pairs[:, 2].view(-1, 1, *[1] * (y.dim() - 1)).float(), y[pairs[:, 1].long()]
+        both = ((y != ignore) & (pasted != ignore)).unsqueeze(1)  # a pixel ignored in either is ignored
+        rows = (1 - lam) * dense_rows(y, num_classes, ignore) + lam * dense_rows(pasted, num_classes, ignore)
+        return images, rows * both
+    if kind == "mix":  # a pasting operation: an extra channel says which sample each pixel comes from
+        source = batch.float().view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
+        images, _ = op(torch.cat([x, source], dim=1), batch)
+        index = images[:, -1]
+        if not torch.equal(index, index.round()) or not ((index >= 0) & (index < x.shape[0])).all():
+            raise ValueError("it blends pixels, so the targets of a pixel cannot be told (only pasting works)")
+        return images[:, :-1], dense_rows(torch.gather(y, 0, index.long()), num_classes, ignore)
+    inner = op.op if isinstance(op, InUnitRange) else op
+    if isinstance(inner, K.IntensityAugmentationBase2D):
+        return cast(nn.Module, op)(x), y
+    module = op.crop(x) if isinstance(op, ResizedCrop) else cast(nn.Module, op)
+    mask = torch.where(y == ignore, 0, y + 1).unsqueeze(1).to(x.dtype)  # 0: ignored, and what a warp pads
+    images, warped = K.AugmentationSequential(module, data_keys=["input", "mask"])(x, mask)
+    warped = warped.squeeze(1).round().long() - 1
+    return images, torch.where(warped < 0, ignore, warped)
+
+
+def dense_rows(y: Tensor, num_classes: int, ignore: int) -> Tensor:
+    """One-hot label rows ``[B, C, ...]`` of class indices ``[B, ...]``; a row of zeros where ignored."""
+    valid = y != ignore
+    return F.one_hot(torch.where(valid, y, 0), num_classes).movedim(-1, 1).float() * valid.unsqueeze(1)
+
+
+def member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: int, ignore: int = -100) -> Tensor:
+    """Per-member targets: the perturbed member's own labels beside everyone else's ``y``; label rows
+    ``[N, B, C, ...]`` (class dimension 1, as ``F.cross_entropy``) when it got label rows."""
+    if y_p.dim() == y.dim():  # new class indices (e.g. a permuted batch, a warped map)
+        targets = y.expand(n, -1).clone()
+        targets[perturbed] = y_p
+        return targets
+    # mixing: member `perturbed` learns from soft labels, the rest from y
+    if y.dim() == 1:
+        targets = torch.nn.functional.one_hot(y, num_classes).float().expand(n, -1, -1).clone()
+    else:
+        targets = dense_rows(y, num_classes, ignore).expand(n, *[-1] * (y.dim() + 1)).clone()
+    targets[perturbed] = y_p.to(torch.float32)
+    return targets

@@ -1,0 +1,212 @@
+"""Predictions per position: logits ``[B, C, d1..dk]`` with targets ``[B, d1..dk]``, ``ignore_index``,
+the three granularities, and the ``[B, C]`` case unchanged bit for bit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from classification_reference import CONFIGS, run
+from competitive import ADM, CWD, KL, CompetitiveGroup, FeatureL2, step_losses
+
+REFERENCE = Path(__file__).parent / "data" / "classification-0.3.0.pt"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_classification_is_bit_for_bit_that_of_0_3_0(name):
+    # every rule, both granularities, soft labels from mixing, KL / feature / ADM terms, the pool
+    ours, saved = run(name), torch.load(REFERENCE)[name]
+    for mine, theirs in zip(ours["steps"], saved["steps"]):
+        for key in ("teacher", "ce", "loss", "weights"):
+            assert torch.equal(mine[key], theirs[key]), key
+        assert mine["terms"].keys() == theirs["terms"].keys()
+        assert all(torch.equal(mine["terms"][k], v) for k, v in theirs["terms"].items())
+    assert all(torch.equal(a, b) for a, b in zip(ours["params"], saved["params"]))
+
+
+class Dense(nn.Module):
+    """Per-position logits ``[B, C, *positions]`` from inputs ``[B, 3, *positions]`` (1x1 convolutions)."""
+
+    def __init__(self, k: int, classes: int, width: int = 6):
+        super().__init__()
+        conv = {0: nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[k]
+        args = {} if k == 0 else {"kernel_size": 1}
+        self.body = nn.Sequential(conv(3, width, **args), nn.Tanh(), conv(width, classes, **args))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _problem(seed, n, k, batch=3, classes=4, ignore=255, frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    positions = tuple(int(s) for s in torch.randint(1, 5, (k,), generator=g))
+    torch.manual_seed(seed)
+    models = [Dense(k, classes, width=4 + 2 * i) for i in range(n)]
+    x = torch.randn(batch, 3, *positions, generator=g)
+    y = torch.randint(0, classes, (batch, *positions), generator=g)
+    y[torch.rand(y.shape, generator=g) < frac] = ignore
+    y.view(-1)[0] = 0  # never a batch without a valid position
+    return models, x, y
+
+
+def _group(models, **kwargs):
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    return CompetitiveGroup(models, optimizers, warmup_steps=0, **kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 4),
+    k=st.integers(0, 3),
+    frac=st.sampled_from([0.0, 0.3, 0.8]),
+    granularity=st.sampled_from(["batch", "sample", "position"]),
+    rule=st.sampled_from(["best", "better", "mutual"]),
+)
+def test_ce_teacher_and_gradients_per_position(seed, n, k, frac, granularity, rule):
+    models, x, y = _problem(seed, n, k, frac=frac)
+    logits = [m(x) for m in models]
+    group = _group(models, ignore_index=255, granularity=granularity, rule=rule)
+    result = group.evaluate((x, y))
+    expected = torch.stack([F.cross_entropy(z, y, ignore_index=255) for z in logits])
+    torch.testing.assert_close(result.ce, expected.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(result.loss).all() and torch.isfinite(result.weights).all()
+    # the step math on leaves: at "position" each valid position's teacher has the lowest CE there
+    leaves = [z.detach().requires_grad_() for z in logits]
+    out = step_losses(leaves, y, terms=[KL()], rule=rule, granularity=granularity, ignore_index=255)
+    valid = y != 255
+    if granularity == "position":
+        per_position = torch.stack([F.cross_entropy(z, y, ignore_index=255, reduction="none") for z in leaves])
+        lowest = per_position.detach().movedim(0, -1).argmin(dim=-1)
+        assert torch.equal(out.teacher[valid], lowest[valid]) and (out.teacher[~valid] == -1).all()
+        assert (out.weights[~valid] == 0).all()
+    out.terms["kl"].sum().backward()
+    if rule == "best":  # no KL gradient reaches a member from where it teaches (or where nothing counts)
+        teacher = out.teacher.reshape(-1) if granularity != "sample" else out.teacher.repeat_interleave(valid[0].numel())
+        teacher = teacher if granularity != "batch" else out.teacher.expand(valid.numel())
+        for i, z in enumerate(leaves):
+            rows = z.grad.movedim(1, -1).reshape(-1, z.shape[1])
+            assert (rows[teacher == i] == 0).all()
+            assert (rows[~valid.reshape(-1)] == 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("rule", ["best", "better", "mutual", "independent"])
+def test_positions_of_size_one_reduce_to_classification_exactly(k, rule):
+    # [B, C, 1, ..., 1] with targets [B, 1, ..., 1] is the [B, C] problem: same CE, teacher, W, terms
+    torch.manual_seed(0)
+    z = [torch.randn(5, 4) for _ in range(3)]
+    y = torch.randint(0, 4, (5,))
+    ones = (1,) * k
+    for granularity, dense_granularity in (("batch", "batch"), ("sample", "sample"), ("sample", "position")):
+        flat = step_losses(z, y, terms=[KL(temperature=2.0)], rule=rule, granularity=granularity)
+        dense = step_losses(
+            [t.view(5, 4, *ones) for t in z], y.view(5, *ones), terms=[KL(temperature=2.0)], rule=rule,
+            granularity=dense_granularity,
+        )  # fmt: skip
+        assert torch.equal(flat.ce, dense.ce) and torch.equal(flat.terms["kl"], dense.terms["kl"])
+        assert torch.equal(flat.teacher.reshape(-1), dense.teacher.reshape(-1))
+        assert torch.equal(flat.weights.reshape(-1), dense.weights.reshape(-1))
+
+
+def test_one_hot_label_rows_per_position_equal_class_indices():
+    torch.manual_seed(1)
+    z = [torch.randn(2, 4, 3, 5) for _ in range(3)]
+    y = torch.randint(0, 4, (2, 3, 5))
+    y[0, 0] = -100
+    rows = F.one_hot(y.clamp_min(0), 4).movedim(-1, 1).float() * (y != -100).unsqueeze(1)
+    for granularity in ("batch", "sample", "position"):
+        hard = step_losses(z, y, terms=[KL()], granularity=granularity)
+        soft = step_losses(z, rows.expand(3, -1, -1, -1, -1), terms=[KL()], granularity=granularity)
+        for a, b in zip(hard[:4], soft[:4]):
+            if isinstance(a, dict):
+                assert torch.equal(a["kl"], b["kl"])
+            else:
+                assert torch.equal(a, b)
+
+
+def test_class_dim_last_is_the_same_problem():
+    torch.manual_seed(2)
+    z = [torch.randn(2, 4, 7) for _ in range(2)]  # [B, C, T]
+    y = torch.randint(0, 4, (2, 7))
+    y[1, 3:] = -100
+    first = step_losses(z, y, terms=[KL()], granularity="position")
+    last = step_losses([t.transpose(1, 2) for t in z], y, terms=[KL()], granularity="position", class_dim=-1)
+    assert torch.equal(first.ce, last.ce) and torch.equal(first.teacher, last.teacher)
+    assert torch.equal(first.terms["kl"], last.terms["kl"]) and torch.equal(first.weights, last.weights)
+
+
+def test_kl_per_position_is_the_mean_over_the_students_valid_positions():
+    torch.manual_seed(3)
+    z = [torch.randn(2, 3, 4, 4) for _ in range(2)]
+    y = torch.randint(0, 3, (2, 4, 4))
+    y[0, :, :2] = 255
+    valid = y != 255
+    for granularity in ("batch", "sample", "position"):
+        out = step_losses(z, y, terms=[KL()], granularity=granularity, ignore_index=255)
+        w = out.weights
+        w = w.expand(*y.shape, 2, 2) if w.dim() == 2 else w.view(2, 1, 1, 2, 2).expand(-1, 4, 4, -1, -1) if w.dim() == 3 else w
+        kl = torch.zeros(2)
+        for i in range(2):
+            j = 1 - i
+            pair = F.kl_div(z[i].log_softmax(1), z[j].log_softmax(1), log_target=True, reduction="none").sum(1)
+            kl[i] = (w[..., i, j] * pair)[valid].sum() / valid.sum()
+        torch.testing.assert_close(out.terms["kl"], kl, rtol=1e-5, atol=1e-7)
+
+
+def test_a_sample_without_valid_position_neither_competes_nor_teaches():
+    models, x, y = _problem(0, 3, 2, frac=0.0)
+    y[1] = 255
+    for granularity in ("sample", "position"):
+        group = _group(models, ignore_index=255, granularity=granularity, terms=["kl", "feature"], feature_hooks=["body.1"] * 3)
+        result = group.step((x, y))
+        assert (result.teacher[1] == -1).all() and (result.weights[1] == 0).all()
+        assert torch.isfinite(result.loss).all() and all(torch.isfinite(v).all() for v in result.terms.values())
+        assert all(torch.isfinite(p).all() for m in models for p in m.parameters())
+        assert result.valid is not None and not result.valid[1].any()
+        assert sum(group.stats["teacher_count"]) == pytest.approx(1.0)  # shares of the valid samples / positions
+
+
+def test_a_batch_without_valid_position_raises_before_anything_moves():
+    models, x, y = _problem(0, 2, 2)
+    group = _group(models, ignore_index=255)
+    before = [p.detach().clone() for m in models for p in m.parameters()]
+    with pytest.raises(ValueError, match="every position of the batch is ignore_index=255"):
+        group.step((x, torch.full_like(y, 255)))
+    assert all(torch.equal(a, p) for a, p in zip(before, [p for m in models for p in m.parameters()]))
+    assert group.steps == 0
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample", "position"])
+def test_feature_terms_with_dense_members(granularity):
+    # feature maps [B, C', H, W] beside logits per pixel: W per sample for the terms that read maps
+    models, x, y = _problem(4, 3, 2, frac=0.2)
+    terms = [KL(), FeatureL2(), ADM(), CWD(tau=2.0)]
+    group = _group(models, ignore_index=255, granularity=granularity, terms=terms, feature_hooks=["body.1"] * 3)
+    result = group.step((x, y))
+    assert all(torch.isfinite(v).all() for v in result.terms.values())
+    if granularity == "batch":  # the teacher learns from the labels only
+        assert all(float(v[result.teacher]) == 0 for k, v in result.terms.items() if k in ("kl", "feature", "cwd"))
+    else:  # every member learns something from where others teach it
+        assert all((v > 0).any() for v in result.terms.values())
+
+
+def test_position_weights_for_the_terms_that_read_samples_are_shares():
+    from competitive.losses import compete, term_weights
+
+    torch.manual_seed(5)
+    z = [torch.randn(2, 3, 2, 2) for _ in range(2)]
+    y = torch.randint(0, 3, (2, 2, 2))
+    y[0, 0, 0] = -100
+    out = step_losses(z, y, granularity="position")
+    outputs, _, _, weights, _ = compete(z, y, None, None, "best", "position", None)
+    rows, samples = term_weights(weights, outputs)
+    assert rows is weights
+    per_sample = out.weights.flatten(1, 2)  # [B, 4, N, N]
+    counts = (y != -100).flatten(1).sum(1).view(2, 1, 1).float()
+    torch.testing.assert_close(samples, per_sample.sum(1) / counts)
+    assert (samples.sum(-1) <= 1 + 1e-6).all()
