@@ -4,8 +4,9 @@ from .functional import LossTerms, competitive_loss, distillation_weights, group
 from .group import CompetitiveGroup
 from .losses import StepLosses, step_losses, teacher_index
 from .members import Members
+from .operations import default_operations
 from .parts import GroupParts, TermList
-from .perturbation import PerturbationPool, default_operations
+from .perturbation import PerturbationPool
 from .result import StepResult
 from .terms import (
     ADM,

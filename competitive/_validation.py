@@ -115,7 +115,7 @@ def check_real(name: str, value: Any, *, positive: bool = False, owner: str = ""
     return real
 
 
-def check_settings(
+def settings(
     rule: str,
     granularity: str,
     warmup_steps: Any,
@@ -147,12 +147,20 @@ def check_settings(
 
 
 def check_member_settings(
-    autocast_dtype: Any, skip_nonfinite: Any, *, keep_cpu_memory: Any = True, class_dim: Any = 1, ignore_index: Any = -100
+    autocast_dtype: Any,
+    skip_nonfinite: Any,
+    *,
+    keep_cpu_memory: Any = True,
+    class_dim: Any = 1,
+    ignore_index: Any = -100,
 ) -> None:
     for name, value in (("class_dim", class_dim), ("ignore_index", ignore_index)):
         if isinstance(value, bool) or not isinstance(value, int) or (name == "class_dim" and value == 0):
             allowed = "an int other than 0 (dim 0 is the batch): 1 as F.cross_entropy, -1 for [B, ..., C]"
-            raise ValueError(f"Invalid {name} value {value!r} provided. Please provide {allowed if name == 'class_dim' else 'an int'}.")
+            raise ValueError(
+                f"Invalid {name} value {value!r} provided. Please provide "
+                f"{allowed if name == 'class_dim' else 'an int'}."
+            )
     for name, value in (("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
         if not isinstance(value, bool):
             raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")

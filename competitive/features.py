@@ -194,7 +194,9 @@ def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int],
         elif not -z.dim() <= class_dim < z.dim() or class_dim % z.dim() == 0:
             bad.append(f"models[{i}] returned {list(z.shape)}, which has no class dimension {class_dim}")
         else:
-            layouts.append((i, z.shape[class_dim], tuple(s for d, s in enumerate(z.shape[1:], 1) if d != class_dim % z.dim())))
+            layouts.append(
+                (i, z.shape[class_dim], tuple(s for d, s in enumerate(z.shape[1:], 1) if d != class_dim % z.dim()))
+            )
     if bad:
         raise ValueError(
             f"Invalid model outputs: {'; '.join(bad)}; each member must return logits of shape [{batch_size}, C] or "
@@ -203,7 +205,9 @@ def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int],
         )
     if len({layout[1:] for layout in layouts}) > 1:
         shown = "; ".join(f"models[{i}]: C={c}, positions {list(p)}" for i, c, p in layouts)
-        raise ValueError(f"Members disagree on the number of classes or the positions: {shown}. All must predict the same.")
+        raise ValueError(
+            f"Members disagree on the number of classes or the positions: {shown}. All must predict the same."
+        )
     _, classes, positions = layouts[0]
     if classes < 2:
         raise ValueError(
@@ -228,9 +232,10 @@ def check_targets(y: Tensor, layout: tuple[int, Any], ignore_index: int = -100) 
         torch._assert_async(in_range, f"targets must lie in [0, {num_classes}) or be ignore_index={ignore_index}")
         torch._assert_async(valid.any(), f"every target of the batch is ignore_index={ignore_index}")
     elif not in_range:
-        bad = y[valid & ((y < 0) | (y >= num_classes))].unique()[:8].tolist()
+        bad = sorted(set(y[valid & ((y < 0) | (y >= num_classes))].tolist()))[:8]
         raise ValueError(
-            f"Invalid targets: class indices must lie in [0, {num_classes}) or be ignore_index={ignore_index}; got {bad}."
+            f"Invalid targets: class indices must lie in [0, {num_classes}) or be ignore_index={ignore_index}; "
+            f"got {bad}."
         )
     elif not valid.any():
         raise ValueError(

@@ -93,9 +93,8 @@ class CompetitiveGroup:
         **deprecated: Any,
     ):
         check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument is checked
-        n = len(models)  # before the members get their hooks
-        layout = dict(class_dim=class_dim, ignore_index=ignore_index)
-        c = check.check_settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
+        n, layout = len(models), dict(class_dim=class_dim, ignore_index=ignore_index)  # before the members' hooks
+        c = check.settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
         built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
         self.members = Members(
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite, **layout
@@ -104,9 +103,8 @@ class CompetitiveGroup:
         self.parts = GroupParts(built, self.members, self.seed, process_group, example_input)
         self.perturbation, self.process_group = perturbation, process_group
         self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
-        reduce = global_mean(process_group) if granularity == "batch" else None  # one teacher on every rank
-        kw: dict[str, Any] = dict(rule=rule, granularity=granularity, reduce_score=reduce, fixed_teacher=fixed_teacher)
-        kw.update(layout)
+        kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, **layout)
+        kw["reduce_score"] = global_mean(process_group) if granularity == "batch" else None  # one teacher on all ranks
         # c: the torch.compile options of the step math, None for eager
         self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
 
@@ -172,9 +170,8 @@ class CompetitiveGroup:
             _count(self.parts.counters, out.teacher, out.valid, nonfinite, perturbed)
         terms = {k: v.detach() for k, v in out.terms.items()}
         name, skipped = (None, None) if draw is None else (draw.name if perturbed is not None else None, draw.skipped)
-        result = StepResult(
-            out.teacher, out.ce.detach(), terms, loss.detach(), out.weights, nonfinite, perturbed, name, skipped, out.valid
-        )
+        values = (out.ce.detach(), terms, loss.detach(), out.weights, nonfinite, perturbed, name, skipped, out.valid)
+        result = StepResult(out.teacher, *values)
         return total, result, inputs.cut
 
     models = property(lambda self: self.members.models, doc="The members (a list of nn.Module).")
@@ -243,10 +240,11 @@ class CompetitiveGroup:
     __exit__ = lambda self, *exc: self.close()  # noqa: E731
 
 
-def _count(counters: Any, teacher: Tensor, valid: Tensor, nonfinite: Tensor, perturbed: int | None) -> None:
+def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tensor, perturbed: int | None) -> None:
     """One step into the counters (``parts.counters``), on the device: nothing is read back."""
     share = (teacher.unsqueeze(-1) == counters.members).float()
-    if share.dim() > 1:  # per sample or position: the share of the valid ones taught
+    if share.dim() > 1:
+        valid = teacher >= 0 if valid is None else valid  # per sample or position: the share of the valid ones taught
         share = (share * valid.unsqueeze(-1)).flatten(0, -2).sum(0) / valid.sum().clamp_min(1)
     counters.teacher_count += share
     batch_teacher = torch.where(share.sum() > 0, share.argmax(), -1)  # -1: no member could teach

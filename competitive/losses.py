@@ -5,8 +5,9 @@ compiled with ``torch.compile(fullgraph=True)``): cross-entropy, the competition
 the teacher, the rule's matrix ``W``), then every knowledge term. Every rule turns per-member
 scores into ``W`` with ``W[..., i, j]`` = how much member ``i`` learns from member ``j``: rows of
 students sum to 1 and the teacher's row is 0, so one loss function serves every rule. This module
-also holds what every term reads (:class:`StepOutputs`). Nothing here reads a tensor back to the host or branches on a tensor value in Python, so it runs
-under ``torch.compile`` with ``fullgraph=True`` and never syncs a GPU with the host.
+also holds what every term reads (:class:`StepOutputs`). Nothing here reads a tensor back to the
+host or branches on a tensor value in Python, so it runs under ``torch.compile`` with
+``fullgraph=True`` and never syncs a GPU with the host.
 """
 
 from collections.abc import Callable, Sequence
@@ -289,6 +290,6 @@ def term_weights(weights: Tensor, outputs: StepOutputs) -> tuple[Tensor, Tensor]
     n, batch = len(outputs.logits), outputs.teaches.shape[1]
     if weights.shape[0] == batch:  # one W per sample, repeated over its positions
         return weights.unsqueeze(1).expand(-1, len(outputs.log_probs[0]) // batch, -1, -1).reshape(-1, n, n), weights
-    valid = outputs.valid if outputs.valid is not None else outputs.teaches_at
+    valid = outputs.valid if outputs.valid is not None else outputs.log_probs.new_ones(outputs.log_probs.shape[:2])
     count = valid.view(n, batch, -1).sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # [B, N, 1]
     return weights, weights.view(batch, -1, n, n).sum(dim=1) / count.clamp_min(1).to(weights.dtype)

@@ -109,7 +109,12 @@ class Members:
                 raise ValueError(f"draw.member={member} names a perturbed member, so forward() needs the pool too.")
             on = devices[member]
             x_p, y_p = pool.perturb(
-                draw.operation, x.to(on), y.to(on), seed=draw.seed, num_classes=layout[0], ignore_index=self.ignore_index
+                draw.operation,
+                x.to(on),
+                y.to(on),
+                seed=draw.seed,
+                num_classes=layout[0],
+                ignore_index=self.ignore_index,
             )
             logits.insert(member, self._forward(member, x_p, on))
             check_logits(logits, x.shape[0], list(range(n)), class_dim)

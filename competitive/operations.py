@@ -122,7 +122,7 @@ def perturb_dense(op: Operation, kind: str, x: Tensor, y: Tensor, num_classes: i
         return cast(nn.Module, op)(x), y
     module = op.crop(x) if isinstance(op, ResizedCrop) else cast(nn.Module, op)
     mask = torch.where(y == ignore, 0, y + 1).unsqueeze(1).to(x.dtype)  # 0: ignored, and what a warp pads
-    images, warped = K.AugmentationSequential(module, data_keys=["input", "mask"])(x, mask)
+    images, warped = K.AugmentationSequential(cast(Any, module), data_keys=["input", "mask"])(x, mask)
     warped = warped.squeeze(1).round().long() - 1
     return images, torch.where(warped < 0, ignore, warped)
 
@@ -137,7 +137,7 @@ def member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: 
     """Per-member targets: the perturbed member's own labels beside everyone else's ``y``; label rows
     ``[N, B, C, ...]`` (class dimension 1, as ``F.cross_entropy``) when it got label rows."""
     if y_p.dim() == y.dim():  # new class indices (e.g. a permuted batch, a warped map)
-        targets = y.expand(n, -1).clone()
+        targets = y.expand(n, *y.shape).clone()
         targets[perturbed] = y_p
         return targets
     # mixing: member `perturbed` learns from soft labels, the rest from y

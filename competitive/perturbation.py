@@ -130,7 +130,9 @@ class PerturbationPool(nn.Module):
         generator the caller sees."""
         self.checked = True
         weights = self.dense_weights if y.dim() > 1 else self.weights
-        cannot = [n for n, op, w in zip(self.names, self.operations, weights) if w > 0 and not carries_dense_targets(op)]
+        cannot = [
+            n for n, op, w in zip(self.names, self.operations, weights) if w > 0 and not carries_dense_targets(op)
+        ]
         if y.dim() > 1 and cannot:
             raise ValueError(
                 f"Perturbations {cannot} cannot move dense targets of shape {list(y.shape)} with the image (kornia "
@@ -235,14 +237,18 @@ def _checked_dense(
         raise TypeError(f"Perturbation {name!r} returned {type(out).__name__}. {_EXPECTED[kind]}")
     images, y_out = out
     rows = (y.shape[0], num_classes or -1, *y.shape[1:])
-    if images.shape != x.shape or not (y_out.shape == y.shape or (y_out.dim() == y.dim() + 1 and y_out.is_floating_point())):
+    if images.shape != x.shape or not (
+        y_out.shape == y.shape or (y_out.dim() == y.dim() + 1 and y_out.is_floating_point())
+    ):
         raise ValueError(
             f"Perturbation {name!r} returned inputs {list(images.shape)} and targets {list(y_out.shape)}; expected "
             f"inputs {list(x.shape)} and targets {list(y.shape)} (class indices) or {list(rows)} (label rows)."
         )
     if num_classes and y_out.shape == y.shape:
         ok = (((y_out >= 0) & (y_out < num_classes)) | (y_out == ignore)).all()
-        _raise_unless(ok, f"Perturbation {name!r} returned class indices outside [0, {num_classes}) other than {ignore}.")
+        _raise_unless(
+            ok, f"Perturbation {name!r} returned class indices outside [0, {num_classes}) other than {ignore}."
+        )
     elif num_classes:
         total = y_out.sum(dim=1)
         ok = (y_out >= 0).all() & (((total - 1).abs() <= 1e-3) | (total == 0)).all()

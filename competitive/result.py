@@ -61,7 +61,8 @@ class StepResult:
         """A flat mapping of Python floats for loggers (``log_dict``, ``add_scalars``, CSV).
 
         Keys: ``ce/i``, ``loss/i``, ``<term>/i`` for each term, ``teacher_share/i`` (the share of
-        the batch's valid samples or positions member ``i`` taught), ``teacher`` (the batch's teacher, ``-1`` if none) and
+        the batch's valid samples or positions member ``i`` taught), ``teacher`` (the batch's teacher,
+        ``-1`` if none) and
         ``perturbed`` (when a member was perturbed). Building it reads the values back to the host
         (one copy); the step itself does not.
         """

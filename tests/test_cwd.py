@@ -73,3 +73,43 @@ def test_cwd_in_a_group_on_hooked_feature_maps_with_adapters():
         assert torch.isfinite(result.terms["cwd"]).all() and result.terms["cwd"][result.teacher] == 0
     with pytest.raises(ValueError, match=r"Invalid tau value 0.0 provided for the 'cwd' term"):
         CWD(tau=0.0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_on_logits_per_position_is_mmrazors_loss_on_the_decode_heads_logits(tau):
+    # mmrazor's segmentation setting: CWD on the logits [B, C, H, W]; rule best, two members
+    g = torch.Generator().manual_seed(11)
+    logits = [torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    y = torch.randint(0, 5, (3, 4, 6), generator=g)
+    out = step_losses(logits, y, terms=[CWD(tau=tau, on="logits")], rule="best")
+    teacher = int(out.teacher)
+    student = 1 - teacher
+    expected = mmrazor_cwd(logits[student], logits[teacher].detach(), tau=tau)
+    torch.testing.assert_close(out.terms["cwd"][student], expected, rtol=1e-12, atol=1e-12)
+    assert out.terms["cwd"][teacher] == 0
+    grads = torch.autograd.grad(out.terms["cwd"].sum(), logits)
+    (reference,) = torch.autograd.grad(expected, logits[student])
+    torch.testing.assert_close(grads[student], reference, rtol=1e-12, atol=1e-12)
+    assert not grads[teacher].any()
+
+
+def test_on_logits_leaves_ignored_positions_out():
+    g = torch.Generator().manual_seed(12)
+    logits = [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    y = torch.randint(0, 3, (2, 4, 4), generator=g)
+    y[:, :, :2] = 255  # the left half of every map is ignored
+    out = step_losses(logits, y, terms=[CWD(on="logits")], rule="mutual", ignore_index=255)
+    # the right halves alone, through mmrazor's formula, per pair (mutual: each learns from the other)
+    for i in range(2):
+        expected = mmrazor_cwd(logits[i][..., 2:], logits[1 - i][..., 2:].detach())
+        torch.testing.assert_close(out.terms["cwd"][i], expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.terms["cwd"].sum(), logits)
+    assert all(not g[..., :2].any() for g in grads) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_on_logits_needs_positions_and_a_known_setting():
+    z = [torch.randn(4, 3), torch.randn(4, 3)]
+    with pytest.raises(ValueError, match=r"CWD\(on='logits'\) needs logits per position"):
+        step_losses(z, torch.tensor([0, 1, 2, 0]), terms=[CWD(on="logits")])
+    with pytest.raises(ValueError, match=r"Invalid on value 'maps'.*'features' or 'logits'"):
+        CWD(on="maps")

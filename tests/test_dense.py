@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from classification_reference import CONFIGS, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from classification_reference import CONFIGS, run
 from competitive import ADM, CWD, KL, CompetitiveGroup, FeatureL2, step_losses
 
 REFERENCE = Path(__file__).parent / "data" / "classification-0.3.0.pt"
@@ -86,7 +86,9 @@ def test_ce_teacher_and_gradients_per_position(seed, n, k, frac, granularity, ru
         assert (out.weights[~valid] == 0).all()
     out.terms["kl"].sum().backward()
     if rule == "best":  # no KL gradient reaches a member from where it teaches (or where nothing counts)
-        teacher = out.teacher.reshape(-1) if granularity != "sample" else out.teacher.repeat_interleave(valid[0].numel())
+        teacher = (
+            out.teacher.reshape(-1) if granularity != "sample" else out.teacher.repeat_interleave(valid[0].numel())
+        )
         teacher = teacher if granularity != "batch" else out.teacher.expand(valid.numel())
         for i, z in enumerate(leaves):
             rows = z.grad.movedim(1, -1).reshape(-1, z.shape[1])
@@ -149,7 +151,13 @@ def test_kl_per_position_is_the_mean_over_the_students_valid_positions():
     for granularity in ("batch", "sample", "position"):
         out = step_losses(z, y, terms=[KL()], granularity=granularity, ignore_index=255)
         w = out.weights
-        w = w.expand(*y.shape, 2, 2) if w.dim() == 2 else w.view(2, 1, 1, 2, 2).expand(-1, 4, 4, -1, -1) if w.dim() == 3 else w
+        w = (
+            w.expand(*y.shape, 2, 2)
+            if w.dim() == 2
+            else w.view(2, 1, 1, 2, 2).expand(-1, 4, 4, -1, -1)
+            if w.dim() == 3
+            else w
+        )
         kl = torch.zeros(2)
         for i in range(2):
             j = 1 - i
@@ -162,7 +170,9 @@ def test_a_sample_without_valid_position_neither_competes_nor_teaches():
     models, x, y = _problem(0, 3, 2, frac=0.0)
     y[1] = 255
     for granularity in ("sample", "position"):
-        group = _group(models, ignore_index=255, granularity=granularity, terms=["kl", "feature"], feature_hooks=["body.1"] * 3)
+        group = _group(
+            models, ignore_index=255, granularity=granularity, terms=["kl", "feature"], feature_hooks=["body.1"] * 3
+        )
         result = group.step((x, y))
         assert (result.teacher[1] == -1).all() and (result.weights[1] == 0).all()
         assert torch.isfinite(result.loss).all() and all(torch.isfinite(v).all() for v in result.terms.values())

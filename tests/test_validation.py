@@ -119,7 +119,9 @@ def test_unknown_rule_or_granularity():
         ValueError, match=r"Invalid rule 'worst'\. Please provide one of \('best', 'better', 'mutual', 'independent'\)"
     ):
         _group(rule="worst")
-    with pytest.raises(ValueError, match=r"Invalid granularity 'pixel'\. Please provide one of \('batch', 'sample'\)"):
+    with pytest.raises(
+        ValueError, match=r"Invalid granularity 'pixel'\. Please provide one of \('batch', 'sample', 'position'\)"
+    ):
         _group(granularity="pixel")
 
 
@@ -131,7 +133,9 @@ def test_batch_that_is_not_inputs_targets(batch):
 
 def test_members_disagree_on_number_of_classes():
     m = _models() + [_models(1, classes=5)[0]]
-    with pytest.raises(ValueError, match=r"Members disagree on the number of classes or the positions: .*models\[2\]: C=5"):
+    with pytest.raises(
+        ValueError, match=r"Members disagree on the number of classes or the positions: .*models\[2\]: C=5"
+    ):
         CompetitiveGroup(m, _opts(m)).step(_batch())
 
 

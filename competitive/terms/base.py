@@ -16,11 +16,10 @@ and the helpers that weight by ``W`` live with the step math in :mod:`competitiv
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .._validation import check_real
-import torch
-
 from ..losses import StepOutputs, per_sample, upcast
 
 __all__ = ["TERMS", "StepOutputs", "Term", "per_sample", "register_term", "resolve_terms", "upcast", "weighted"]
@@ -51,7 +50,7 @@ class Term(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[tuple[str, ...]] = ()
+    needs: tuple[str, ...] = ()  # a class attribute; an instance may narrow it (CWD(on='logits'))
     per_position: ClassVar[bool] = False
     in_group: bool = False  # set by the group whose parts it joins: a term belongs to one group
 

@@ -63,7 +63,7 @@ class Adapted(Term):
     """A term on feature maps, with one :class:`~competitive.FeatureAdapter` per ordered pair of
     members whose shapes differ (``"i_j"``: student ``i`` to teacher ``j``, trained by ``i``)."""
 
-    needs = ("features",)
+    needs: tuple[str, ...] = ("features",)
 
     def __init__(self, weight: float = 1.0):
         super().__init__(weight)

@@ -70,7 +70,12 @@ class KL(Term):
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         teaches = outputs.teaches if outputs.teaches_at is None else outputs.teaches_at
         return kl_term(
-            outputs.log_probs, teaches, weights, temperature=self.temperature, logits=outputs.logits, valid=outputs.valid
+            outputs.log_probs,
+            teaches,
+            weights,
+            temperature=self.temperature,
+            logits=outputs.logits,
+            valid=outputs.valid,
         )
 
     def extra_repr(self) -> str:
