@@ -1,7 +1,7 @@
 """Step time of a group against its limit, and the loss math alone, eager vs compiled.
 
     python benchmarks/step.py                 # both parts, on CUDA when available, else CPU
-    python benchmarks/step.py --part group    # or --part loss
+    python benchmarks/step.py --part group    # or --part loss, --part dense
 
 Part 1 (``group``): for each group of members, one step of each variant in turn, interleaved
 step by step, over ``--steps`` steps after ``--warmup``; each ratio is the median of the per-round
@@ -30,6 +30,8 @@ MCL, ADM) eager and compiled, against one step of a 2 x ResNet-32 group in the s
 and without ResNet ``layer3``-sized features ``[B, 64, 8, 8]``, eager and compiled. Timed with
 ``torch.utils.benchmark.Timer``, the variants interleaved round by round. Prints tables and writes
 JSON to ``--out``.
+
+Part ``dense``: a torchvision segmentation pair with a teacher per pixel (see ``step_dense.py``).
 """
 
 import argparse
@@ -52,6 +54,7 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import build  # noqa: E402
+from step_dense import bench_dense  # noqa: E402
 
 from competitive import CompetitiveGroup, group_loss, step_losses  # noqa: E402
 from competitive.memory import keep_freed_memory  # noqa: E402
@@ -358,7 +361,7 @@ def bench_loss(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("all", "group", "loss", "overhead"), default="all")
+    p.add_argument("--part", choices=("all", "group", "loss", "overhead", "dense"), default="all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
@@ -374,6 +377,8 @@ def main():
     )
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
     p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
+    p.add_argument("--dense-batch", type=int, default=8, help="--part dense: maps per batch")
+    p.add_argument("--dense-size", type=int, default=128, help="--part dense: height = width of the maps")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument(
         "--allocator",
@@ -445,6 +450,12 @@ def main():
         if not args.no_grid:
             print("\nloss math forward + backward (group_loss, rule='best'), eager vs compiled", flush=True)
             out["loss"] = bench_loss(args, device)
+    if args.part == "dense":
+        print(
+            f"\nsegmentation pair, batch {args.dense_batch} x {args.dense_size} x {args.dense_size}, 21 classes",
+            flush=True,
+        )
+        out["dense"] = bench_dense(args, device, _timed)
     args.out.mkdir(parents=True, exist_ok=True)
     memory = "" if args.keep_cpu_memory or device.type != "cpu" else "-nokeep"
     path = args.out / f"step-{device.type}-{args.part}-{malloc}{memory}.json"

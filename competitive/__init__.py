@@ -54,4 +54,4 @@ __all__ = [
     "teacher_index",
 ]
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -35,3 +35,24 @@ class SmallMLP(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x))
+
+
+def synthetic_segmentation(
+    n: int = 16, size: int = 64, classes: int = 21, seed: int = 0, ignore_index: int = 255
+) -> torch.utils.data.TensorDataset:
+    """Images with a few filled rectangles whose colour says their class, and their maps ``[H, W]``:
+    background 0, each rectangle its class, a 2-pixel band around each rectangle ``ignore_index`` (as
+    the object boundaries of Pascal VOC's maps)."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(classes, 3, generator=g) * 2 - 1
+    x = torch.randn(n, 3, size, size, generator=g) * 0.3
+    y = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for _ in range(3):
+            c = int(torch.randint(1, classes, (), generator=g))
+            top, left = (int(v) for v in torch.randint(0, size - size // 4, (2,), generator=g))
+            h, w = (int(v) for v in torch.randint(size // 8, size // 2, (2,), generator=g))
+            y[i, max(top - 2, 0) : top + h + 2, max(left - 2, 0) : left + w + 2] = ignore_index
+            y[i, top : top + h, left : left + w] = c
+            x[i, :, top : top + h, left : left + w] += colours[c].view(3, 1, 1)
+    return torch.utils.data.TensorDataset(x, y)

@@ -220,3 +220,71 @@ def test_position_weights_for_the_terms_that_read_samples_are_shares():
     counts = (y != -100).flatten(1).sum(1).view(2, 1, 1).float()
     torch.testing.assert_close(samples, per_sample.sum(1) / counts)
     assert (samples.sum(-1) <= 1 + 1e-6).all()
+
+
+def _params(models):
+    return [p.detach().clone() for m in models for p in m.parameters()]
+
+
+def _unchanged(models, before):
+    return all(torch.equal(a, p) for a, p in zip(before, [p for m in models for p in m.parameters()]))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("targets", r"Invalid targets of shape \[3, 4, 5\]: the logits without the class dimension are \[3, 4, 4\]"),
+        ("class_dim", r"models\[0\] returned \[3, 5, 4, 4\], which has no class dimension 4"),
+        ("range", r"class indices must lie in \[0, 5\) or be ignore_index=255; got \[7\]"),
+        ("classes", r"Members disagree on the number of classes or the positions: .*models\[1\]: C=6"),
+        ("positions", r"Members disagree on the number of classes or the positions: .*positions \[2, 2\]"),
+    ],
+)
+def test_bad_dense_input_is_refused_before_anything_moves(case, match):
+    torch.manual_seed(0)
+    models = [nn.Conv2d(3, 5, 1), nn.Conv2d(3, 6 if case == "classes" else 5, 1)]
+    if case == "positions":
+        models[1] = nn.Conv2d(3, 5, 2, stride=2)
+    x, y = torch.randn(3, 3, 4, 4), torch.randint(0, 5, (3, 4, 4))
+    if case == "targets":
+        y = torch.randint(0, 5, (3, 4, 5))
+    if case == "range":
+        y[0, 0, 0] = 7
+    group = _group(models, ignore_index=255, class_dim=4 if case == "class_dim" else 1)
+    before = _params(models)
+    with pytest.raises(ValueError, match=match):
+        group.step((x, y))
+    assert _unchanged(models, before) and group.steps == 0
+
+
+@pytest.mark.parametrize("value", [0, 1.0, True, "1"])
+def test_bad_class_dim_or_ignore_index_is_refused_when_the_group_is_built(value):
+    models = [nn.Conv2d(3, 5, 1), nn.Conv2d(3, 5, 1)]
+    with pytest.raises(ValueError, match=r"Invalid class_dim value .* Please provide an int other than 0"):
+        _group(models, class_dim=value)
+    if value != 0:
+        with pytest.raises(ValueError, match=r"Invalid ignore_index value .* Please provide an int"):
+            _group(models, ignore_index=value)
+    assert all(not m._forward_hooks for m in models)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "position"])
+def test_compiled_dense_step_matches_eager(granularity):
+    runs = []
+    for compile in (False, {"backend": "aot_eager"}):
+        models, x, y = _problem(9, 3, 2, frac=0.3)
+        group = _group(
+            models,
+            ignore_index=255,
+            granularity=granularity,
+            compile=compile,
+            terms=[KL(temperature=2.0), CWD(on="logits")],
+        )
+        results = [group.step((x, y)) for _ in range(3)]
+        runs.append((results, _params(models)))
+    (eager, p_eager), (compiled, p_compiled) = runs
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.teacher, b.teacher)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(p_eager, p_compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -46,3 +46,15 @@ def test_offline_kd_keeps_the_teacher_frozen_and_teaching():
     assert out["teacher_unchanged"]
     assert out["teacher_count"][1] == 0 and out["teacher_count"][0] > 0
     assert out["last"]["kl/1"] > 0 and out["last"]["kl/0"] == 0
+
+
+def test_segmentation_pair_has_a_teacher_per_pixel():
+    out = _main("segmentation_pair")(["--smoke"])
+    result, y = out["result"], out["targets"]
+    assert list(result.teacher.shape) == list(y.shape) and list(result.weights.shape) == [*y.shape, 2, 2]
+    assert (result.teacher[y == 255] == -1).all() and set(result.teacher[y != 255].unique().tolist()) <= {0, 1}
+    logged = out["logged"]
+    assert logged["teacher_share/0"] + logged["teacher_share/1"] == pytest.approx(1.0)  # of the valid pixels
+    assert {"ce/0", "ce/1", "kl/0", "kl/1", "cwd/0", "cwd/1"} <= set(logged)
+    assert all(v == v for v in logged.values())  # no NaN anywhere
+    assert out["stats"]["steps"] == 2 and sum(out["stats"]["teacher_count"]) == pytest.approx(2.0)

@@ -17,18 +17,23 @@ def kl_term(
     temperature: float = 1.0,
     logits: Sequence[Tensor] | None = None,
     valid: Tensor | None = None,
+    pairwise: bool = False,
 ) -> Tensor:
     """``tau^2 * sum_j W_ij KL(p_j || p_i)`` per member and row, averaged over the rows: ``[N]``.
 
     Rows are samples (``batchmean``) or positions: ``log_probs`` ``[N, R, C]``, ``teaches`` ``[N, R]``,
     ``W`` ``[N, N]`` or ``[R, N, N]``. ``p = softmax(z / tau)``. ``p_j`` is a target (no gradient
     reaches the teacher through it); where ``teaches`` is False member ``j`` contributes nothing.
-    With ``valid`` ``[N, R]`` the mean is over each student's valid rows only.
+    With ``valid`` ``[N, R]`` the mean is over each student's valid rows only. ``pairwise`` computes
+    the same sum pair by pair, the faster way at a row per position (``[B, C]`` keeps the einsum).
     """
     if temperature != 1.0:
         if logits is None:
             raise ValueError(f"kl_term: temperature={temperature} needs the logits (logits=...) to rescale them.")
         log_probs = (torch.stack([upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
+    if pairwise:
+        kl = _pairwise(log_probs, teaches, weights)
+        return torch.where(valid, kl, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(kl.dtype) * temperature**2
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
     w = per_sample(weights, log_probs.shape[1]).to(p.dtype)
     # sum_j W_ij KL(p_j || p_i) = sum_j W_ij sum_c p_j log p_j - sum_c q_i log p_i,
@@ -40,6 +45,21 @@ def kl_term(
         return kl.mean(dim=1) * temperature**2
     kl = torch.where(valid, kl, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(kl.dtype)
     return kl * temperature**2
+
+
+def _pairwise(log_probs: Tensor, teaches: Tensor, weights: Tensor) -> Tensor:
+    """``sum_j W_ij KL(p_j || p_i)`` per row ``[N, R]``, one pair at a time: for a few members and many
+    rows this is a few elementwise passes, where the einsum is a batched matmul of tiny matrices."""
+    n = log_probs.shape[0]
+    target = log_probs.detach()
+    p = [torch.where(teaches[j].unsqueeze(-1), target[j].exp(), 0.0) for j in range(n)]
+    neg_entropy = [torch.where(teaches[j], (p[j] * target[j]).sum(dim=-1), 0.0) for j in range(n)]
+    w = weights.to(log_probs.dtype)
+    rows = []
+    for i in range(n):
+        pairs = [w[..., i, j] * (neg_entropy[j] - (p[j] * log_probs[i]).sum(dim=-1)) for j in range(n) if j != i]
+        rows.append(torch.stack(pairs).sum(dim=0))
+    return torch.stack(rows)
 
 
 @register_term("kl")
@@ -76,6 +96,7 @@ class KL(Term):
             temperature=self.temperature,
             logits=outputs.logits,
             valid=outputs.valid,
+            pairwise=bool(outputs.positions) and outputs.valid is not None,  # a row per position: pair by pair
         )
 
     def extra_repr(self) -> str:
