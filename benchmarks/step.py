@@ -426,6 +426,8 @@ def main():
             "cpu_memory": cpu_memory,
         }
     }
+    if args.part == "dense":
+        out["setup"].update(dense_batch=args.dense_batch, dense_size=args.dense_size)
     if args.part in ("all", "group"):
         out["group"] = {}
         for name in args.groups.split(","):

@@ -98,7 +98,7 @@ def test_ce_teacher_and_gradients_per_position(seed, n, k, frac, granularity, ru
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("rule", ["best", "better", "mutual", "independent"])
-def test_positions_of_size_one_reduce_to_classification_exactly(k, rule):
+def test_positions_of_size_one_reduce_to_classification(k, rule):
     # [B, C, 1, ..., 1] with targets [B, 1, ..., 1] is the [B, C] problem: same CE, teacher, W, terms
     torch.manual_seed(0)
     z = [torch.randn(5, 4) for _ in range(3)]
@@ -110,25 +110,29 @@ def test_positions_of_size_one_reduce_to_classification_exactly(k, rule):
             [t.view(5, 4, *ones) for t in z], y.view(5, *ones), terms=[KL(temperature=2.0)], rule=rule,
             granularity=dense_granularity,
         )  # fmt: skip
-        assert torch.equal(flat.ce, dense.ce) and torch.equal(flat.terms["kl"], dense.terms["kl"])
+        assert torch.equal(flat.ce, dense.ce)
+        # per position the KL is summed pair by pair (the einsum of [B, C] sums the same terms in
+        # another order): equal for one teacher, equal to rounding for several
+        torch.testing.assert_close(flat.terms["kl"], dense.terms["kl"], rtol=1e-6, atol=0)
+        if rule in ("best", "independent"):
+            assert torch.equal(flat.terms["kl"], dense.terms["kl"])
         assert torch.equal(flat.teacher.reshape(-1), dense.teacher.reshape(-1))
         assert torch.equal(flat.weights.reshape(-1), dense.weights.reshape(-1))
 
 
-def test_one_hot_label_rows_per_position_equal_class_indices():
+@pytest.mark.parametrize("positions", [(), (3,), (3, 5)])
+def test_one_hot_label_rows_equal_class_indices(positions):
+    # label rows that are one-hot (k = 0: [N, B, C]; per position [N, B, C, d1..dk]) are the hard problem
     torch.manual_seed(1)
-    z = [torch.randn(2, 4, 3, 5) for _ in range(3)]
-    y = torch.randint(0, 4, (2, 3, 5))
-    y[0, 0] = -100
+    z = [torch.randn(2, 4, *positions) for _ in range(3)]
+    y = torch.randint(0, 4, (2, *positions))
+    y.view(-1)[1] = -100
     rows = F.one_hot(y.clamp_min(0), 4).movedim(-1, 1).float() * (y != -100).unsqueeze(1)
     for granularity in ("batch", "sample", "position"):
         hard = step_losses(z, y, terms=[KL()], granularity=granularity)
-        soft = step_losses(z, rows.expand(3, -1, -1, -1, -1), terms=[KL()], granularity=granularity)
-        for a, b in zip(hard[:4], soft[:4]):
-            if isinstance(a, dict):
-                assert torch.equal(a["kl"], b["kl"])
-            else:
-                assert torch.equal(a, b)
+        soft = step_losses(z, rows.expand(3, *rows.shape), terms=[KL()], granularity=granularity)
+        assert torch.equal(hard.ce, soft.ce) and torch.equal(hard.terms["kl"], soft.terms["kl"])
+        assert torch.equal(hard.teacher, soft.teacher) and torch.equal(hard.weights, soft.weights)
 
 
 def test_class_dim_last_is_the_same_problem():

@@ -33,6 +33,7 @@ def kl_term(
         log_probs = (torch.stack([upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
     if pairwise:
         kl = _pairwise(log_probs, teaches, weights)
+        valid = torch.ones_like(teaches) if valid is None else valid
         return torch.where(valid, kl, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(kl.dtype) * temperature**2
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
     w = per_sample(weights, log_probs.shape[1]).to(p.dtype)
