@@ -65,7 +65,7 @@ def _group(models, **kwargs):
     k=st.integers(0, 3),
     frac=st.sampled_from([0.0, 0.3, 0.8]),
     granularity=st.sampled_from(["batch", "sample", "position"]),
-    rule=st.sampled_from(["best", "better", "mutual"]),
+    rule=st.sampled_from(["best", "better", "mutual", "independent"]),
 )
 def test_ce_teacher_and_gradients_per_position(seed, n, k, frac, granularity, rule):
     models, x, y = _problem(seed, n, k, frac=frac)
@@ -292,3 +292,12 @@ def test_compiled_dense_step_matches_eager(granularity):
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(p_eager, p_compiled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mcl_needs_one_label_per_sample():
+    from competitive import MCL
+
+    models, x, y = _problem(0, 2, 2)
+    group = _group(models, ignore_index=255, terms=[KL(), MCL()], embedding_hooks=["body.1"] * 2)
+    with pytest.raises(ValueError, match=r"The 'mcl' term .* needs one label per sample"):
+        group.step((x, y))

@@ -178,6 +178,11 @@ class MCL(Term):
         return self.heads[member].parameters()
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
+        if outputs.positions:
+            raise ValueError(
+                f"The 'mcl' term contrasts samples by their class, so it needs one label per sample (logits [B, C]); "
+                f"these logits have positions {list(outputs.positions)}. Use 'kl', 'feature', 'adm' or 'cwd' instead."
+            )
         z = [head(upcast(e).flatten(1)) for head, e in zip(self.heads, outputs.hooked("embeddings"))]
         return mcl_loss(z, outputs.labels, weights, teaches=outputs.teaches, **self.settings)
 
