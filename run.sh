@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv on first use, then runs one of:
 #   bash run.sh test      ruff, mypy --strict on the library, then the test suite
-#   bash run.sh main      a short competitive run against the baselines on CIFAR-10, on the CPU
+#   bash run.sh main      a short comparison on CIFAR-10 that shows the method (CPU), then the committed tables
+#   bash run.sh docs      the documentation site into site/ (mkdocs build --strict)
 #   bash run.sh <script>  any python command inside the venv, e.g. bash run.sh benchmarks/step.py
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,7 +12,7 @@ if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ]; then
   .venv/bin/pip install --quiet --upgrade pip
   # torch first, pinned, so nothing resolves to a newer (multi-GB) build
   .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/pip install --quiet -e ".[test,bench,examples]"
+  .venv/bin/pip install --quiet -e ".[test,bench,examples,docs]"
   touch .venv/.installed
 fi
 PY=.venv/bin/python
@@ -25,6 +26,9 @@ case "$cmd" in
     ;;
   main)
     "$PY" benchmarks/train.py --preset quick "$@"
+    ;;
+  docs)
+    NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --site-dir site "$@"
     ;;
   *)
     "$PY" "$cmd" "$@"

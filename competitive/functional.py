@@ -99,7 +99,7 @@ def group_loss(
     """Cross-entropy, selection and the paper's loss in one pure function.
 
     Args:
-        logits, targets, features, adapters, alpha, beta, temperature: as in
+        logits, targets, features, adapters, alpha, beta, temperature (see competitive_loss): as in
             :func:`competitive_loss`.
         rule (str): selection rule, see :func:`~competitive.distillation_weights`.
         granularity (str): ``"batch"`` (one teacher per batch, the paper) or ``"sample"``.

@@ -201,8 +201,8 @@ def step_losses(
         logits (sequence of Tensor): ``N`` tensors ``[B, C, d1..dk]`` (``k >= 0``; classes at ``class_dim``).
         targets (Tensor): class indices ``[B, d1..dk]`` or ``[N, B, d1..dk]`` (``ignore_index``: ignored),
             or label rows ``[N, B, C, d1..dk]`` (a row of zeros: ignored).
-        terms, features, embeddings: the knowledge terms (default none) and the hooked outputs they read.
-        rule, granularity, fixed_teacher: see :class:`~competitive.CompetitiveGroup`.
+        terms, features, embeddings (optional): the knowledge terms (default none), the hooked outputs.
+        rule, granularity, fixed_teacher, class_dim, ignore_index (str, str, int, int, int): as the group's.
         reduce_score (callable, optional): applied to the batch scores ``[N]`` before selection
             (an all-reduce, so every process picks the same teacher). Only with ``"batch"``.
     """

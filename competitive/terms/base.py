@@ -77,6 +77,8 @@ class Term(nn.Module):
 
 # every term a group can name in ``terms=[...]``, filled by @register_term
 TERMS: dict[str, type[Term]] = {}
+"""Every term a group can name in ``terms=[...]``, by name (``"kl"``, ``"feature"``, ``"mcl"``, ``"adm"``,
+``"cwd"``, and those registered with :func:`register_term`)."""
 T = TypeVar("T", bound=type[Term])
 
 

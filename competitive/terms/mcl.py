@@ -145,7 +145,7 @@ class MCL(Term):
 
     Args:
         weight (float): the term's weight. Default: 1.
-        tau, temperature, vcl, soft_vcl, icl, soft_icl: as in :func:`mcl_loss`.
+        tau, temperature, vcl, soft_vcl, icl, soft_icl (float): as in :func:`mcl_loss`.
         dim (int): the heads' output size. Default: 128.
     """
 
