@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import _validation as check
 from ._deprecated import Fixed, Moved, forward_deprecated
 from .distributed import default_seed, global_mean
-from .features import HookSpec
+from .features import HookSpec, LogitsSpec
 from .losses import step_losses
 from .members import Members
 from .memory import keep_freed_memory
@@ -81,14 +81,14 @@ class CompetitiveGroup:
         ignore_index: int = -100,
         warmup_steps: int = 150,
         fixed_teacher: int | None = None,
-        logits_from: Any = None,
+        logits_from: LogitsSpec | Sequence[LogitsSpec] = None,
         perturbation: PerturbationPool | None = None,
         seed: int | None = None,
         compile: bool | dict[str, Any] = False,
         skip_nonfinite: bool = False,
         autocast_dtype: torch.dtype | None = None,
         example_input: Tensor | None = None,
-        process_group: Any = None,
+        process_group: "torch.distributed.ProcessGroup | None" = None,
         keep_cpu_memory: bool = True,
         **deprecated: Any,
     ):

@@ -16,6 +16,7 @@ from ._validation import check_logits_from, check_member_settings, check_members
 from .features import (
     FeatureCapture,
     HookSpec,
+    LogitsSpec,
     check_batch,
     check_logits,
     check_shapes,
@@ -46,7 +47,7 @@ class Members:
         optimizers: Sequence[torch.optim.Optimizer | None],
         feature_hooks: Sequence[HookSpec] | None = None,
         embedding_hooks: Sequence[HookSpec] | None = None,
-        logits_from: Any = None,
+        logits_from: LogitsSpec | Sequence[LogitsSpec] = None,
         autocast_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
         class_dim: int = 1,

@@ -68,3 +68,22 @@ def test_every_shell_block_is_a_command_of_run_sh(page):
     for block in re.findall(r"^```bash\n(.*?)^```", (ROOT / page).read_text(), re.M | re.S):
         for line in filter(None, (line.split("#")[0].strip() for line in block.splitlines())):
             assert re.fullmatch(r"bash run\.sh (\w+)", line) and line.split()[-1] in known, line
+
+
+def test_the_site_builds_strict_and_fetches_nothing(tmp_path):
+    # mkdocs comes with the docs extra (bash run.sh installs it); without it there is nothing to build
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    site = tmp_path / "site"
+    env = {**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"}
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pages = list(site.rglob("*.html"))
+    assert len(pages) > 20 and (site / "reference" / "index.html").exists()
+    for page in pages:  # no web font, script or stylesheet from another host
+        html = page.read_text()
+        assert not re.search(r"<(script|link)[^>]+(src|href)=\"https?://", html), page
+        assert "fonts.googleapis" not in html and "fonts.gstatic" not in html, page
+    for name in ("timm_pair", "segmentation_pair"):
+        assert (site / "examples" / name / "index.html").exists()
