@@ -14,7 +14,8 @@ from .losses import check_rule
 
 def check_members(
     models: Sequence[Any], optimizers: Sequence[Any], feature_hooks: Any, embedding_hooks: Any = None
-) -> None:
+) -> int:
+    """The members, their optimizers and hooks, checked; returns ``N``."""
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         count = len(models) if isinstance(models, (list, tuple)) else type(models).__name__
         raise ValueError(f"Invalid models ({count}): a group needs a list of at least 2 nn.Module members.")
@@ -44,6 +45,7 @@ def check_members(
     if empty:
         raise ValueError(f"Invalid models: models{empty} have no parameters; every member must be trainable.")
     _check_ownership(models, optimizers)
+    return len(models)
 
 
 def _check_ownership(models: Sequence[nn.Module], optimizers: Sequence[Any]) -> None:
@@ -153,6 +155,7 @@ def check_member_settings(
     keep_cpu_memory: Any = True,
     class_dim: Any = 1,
     ignore_index: Any = -100,
+    shift_targets: Any = False,
 ) -> None:
     for name, value in (("class_dim", class_dim), ("ignore_index", ignore_index)):
         if isinstance(value, bool) or not isinstance(value, int) or (name == "class_dim" and value == 0):
@@ -161,7 +164,8 @@ def check_member_settings(
                 f"Invalid {name} value {value!r} provided. Please provide "
                 f"{allowed if name == 'class_dim' else 'an int'}."
             )
-    for name, value in (("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory)):
+    bools = (("skip_nonfinite", skip_nonfinite), ("keep_cpu_memory", keep_cpu_memory), ("shift_targets", shift_targets))
+    for name, value in bools:
         if not isinstance(value, bool):
             raise TypeError(f"Invalid {name} value {value!r} provided. Please provide True or False.")
     if autocast_dtype is not None and not (

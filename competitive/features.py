@@ -159,10 +159,10 @@ def check_batch(batch: Any, devices: Sequence[torch.device]) -> tuple[Tensor, Te
         raise ValueError(
             f"Invalid batch: inputs of shape {list(x.shape)} hold no samples; the batch must not be empty."
         )
-    if not x.is_floating_point():
+    if x.dtype in (torch.uint8, torch.bool) or x.is_complex():  # token ids (int64, int32) are the members' business
         raise TypeError(
             f"Invalid batch: inputs have dtype {x.dtype}; members expect floating point inputs "
-            "(for uint8 images, convert with x.float() / 255 and normalize)."
+            "(for uint8 images, convert with x.float() / 255 and normalize) or integer token ids (int64)."
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(
@@ -217,6 +217,23 @@ def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int],
     return classes, positions
 
 
+def shift(layout: tuple[int, Any], y: Tensor) -> tuple[tuple[int, Any], Tensor]:
+    """``shift_targets``: the targets at positions ``1..T-1`` for the logits at ``0..T-2`` (Hugging Face's
+    causal-LM convention); returns the layout and the targets of the shifted problem."""
+    classes, positions = layout
+    if not positions:
+        raise ValueError(
+            "shift_targets=True compares the logits at position t with the targets at t + 1, so the logits need "
+            f"positions ([B, T, V] with class_dim=-1); these are [B, {classes}] with targets {list(y.shape)}."
+        )
+    if positions[0] < 2:
+        raise ValueError(
+            f"shift_targets=True needs sequences of length >= 2 (position t learns the target at t + 1); got "
+            f"length {positions[0]}: targets {list(y.shape)}."
+        )
+    return (classes, (positions[0] - 1, *positions[1:])), y.narrow(1, 1, positions[0] - 1)
+
+
 def check_targets(y: Tensor, layout: tuple[int, Any], ignore_index: int = -100) -> None:
     """Targets ``[B, d1..dk]`` match the logits' positions, lie in ``[0, C)`` or are ``ignore_index``, and
     some position is not ignored."""
@@ -242,6 +259,37 @@ def check_targets(y: Tensor, layout: tuple[int, Any], ignore_index: int = -100) 
             f"Invalid targets: every position of the batch is ignore_index={ignore_index}, so no member has anything "
             "to learn or to teach. Leave such batches out."
         )
+
+
+def no_cut(i: int, output: Tensor) -> Tensor:
+    return output
+
+
+class Cut:
+    """Each member's graph cut at its outputs (logits, hooked features and embeddings).
+
+    The step math runs on detached leaves that stand for those outputs, so one backward of the
+    summed losses fills the leaves' ``.grad``; :meth:`backward` then carries them through member
+    ``i``'s own graph.
+    """
+
+    def __init__(self, n: int):
+        self.pairs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(n)]
+
+    def __call__(self, i: int, output: Tensor) -> Tensor:
+        if not output.requires_grad:
+            return output
+        leaf = output.detach().requires_grad_()
+        self.pairs[i].append((output, leaf))
+        return leaf
+
+    def backward(self, i: int) -> None:
+        """Member ``i``'s backward from its outputs; its graph is freed."""
+        pairs = [(output, leaf.grad) for output, leaf in self.pairs[i] if leaf.grad is not None]
+        self.pairs[i] = []
+        if pairs:
+            outputs, grads = zip(*pairs)
+            torch.autograd.backward(outputs, grads)
 
 
 # the adapters moved to the terms that own them; importable from here as before

@@ -41,6 +41,7 @@ class CompetitiveGroup:
         granularity (str): one teacher per ``"batch"`` (paper, default), ``"sample"`` or ``"position"``.
         class_dim (int): the class dimension of the logits: 1 (``F.cross_entropy``), -1 for ``[B, ..., C]``.
         ignore_index (int): targets that count nowhere (CE, competition, terms, counters). Default: -100.
+        shift_targets (bool): logits at position t learn the target at t + 1 (causal LMs). Default: False.
         warmup_steps (int): ramp every term's weight from 0 over the first steps. Default: 150.
         fixed_teacher (int, optional): this member always teaches (``rule="best"``). Default: None.
         logits_from (optional): where the logits are in a member's output: a key or attribute (``"out"`` for
@@ -79,6 +80,7 @@ class CompetitiveGroup:
         granularity: str = "batch",
         class_dim: int = 1,
         ignore_index: int = -100,
+        shift_targets: bool = False,
         warmup_steps: int = 150,
         fixed_teacher: int | None = None,
         logits_from: LogitsSpec | Sequence[LogitsSpec] = None,
@@ -92,8 +94,8 @@ class CompetitiveGroup:
         keep_cpu_memory: bool = True,
         **deprecated: Any,
     ):
-        check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument is checked
-        n, layout = len(models), dict(class_dim=class_dim, ignore_index=ignore_index)  # before the members' hooks
+        n = check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument, before any hook
+        layout: dict[str, Any] = dict(class_dim=class_dim, ignore_index=ignore_index, shift_targets=shift_targets)
         c = check.settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
         built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
         self.members = Members(
@@ -101,11 +103,10 @@ class CompetitiveGroup:
         )
         self.seed = seed if seed is not None else default_seed(process_group)
         self.parts = GroupParts(built, self.members, self.seed, process_group, example_input)
-        self.perturbation, self.process_group = perturbation, process_group
-        self.warmup_steps, self.keep_cpu_memory, self.cpu_memory = warmup_steps, keep_cpu_memory, None
-        kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, **layout)
-        kw["reduce_score"] = global_mean(process_group) if granularity == "batch" else None  # one teacher on all ranks
-        # c: the torch.compile options of the step math, None for eager
+        self.perturbation, self.process_group, self.warmup_steps = perturbation, process_group, warmup_steps
+        self.keep_cpu_memory = keep_cpu_memory
+        kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, class_dim=class_dim)
+        kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group))  # used at "batch"
         self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
@@ -201,7 +202,7 @@ class CompetitiveGroup:
         return self.parts.counters.summary()
 
     rule, granularity, fixed_teacher = Fixed(), Fixed(), Fixed()  # fixed when built
-    cpu_memory: str | None  # what keep_freed_memory() answered at the first CPU step
+    cpu_memory: str | None = None  # what keep_freed_memory() answered at the first CPU step
     alpha, beta, temperature = Moved("kl", "weight"), Moved("feature", "weight"), Moved("kl", "temperature")
     perturb_prob = Moved(None, "p")
 
@@ -234,9 +235,7 @@ class CompetitiveGroup:
     def close(self) -> None:
         self.members.close()  # the hooks come off the members
 
-    def __enter__(self) -> "CompetitiveGroup":
-        return self
-
+    __enter__ = lambda self: self  # noqa: E731
     __exit__ = lambda self, *exc: self.close()  # noqa: E731
 
 

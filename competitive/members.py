@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._validation import check_logits_from, check_member_settings, check_members
 from .features import (
+    Cut,
     FeatureCapture,
     HookSpec,
     LogitsSpec,
@@ -22,7 +23,9 @@ from .features import (
     check_shapes,
     check_targets,
     extract_logits,
+    no_cut,
     resolve_hooks,
+    shift,
 )
 from .operations import member_targets
 from .perturbation import Draw, PerturbationPool
@@ -52,10 +55,13 @@ class Members:
         skip_nonfinite: bool = False,
         class_dim: int = 1,
         ignore_index: int = -100,
+        shift_targets: bool = False,
     ):
         check_members(models, optimizers, feature_hooks, embedding_hooks)
-        check_member_settings(autocast_dtype, skip_nonfinite, class_dim=class_dim, ignore_index=ignore_index)
-        self.class_dim, self.ignore_index = class_dim, ignore_index
+        check_member_settings(
+            autocast_dtype, skip_nonfinite, class_dim=class_dim, ignore_index=ignore_index, shift_targets=shift_targets
+        )
+        self.class_dim, self.ignore_index, self.shift_targets = class_dim, ignore_index, shift_targets
         self.models, self.optimizers = list(models), list(optimizers)
         n = len(self.models)
         self.logits_from = check_logits_from(logits_from, n)
@@ -101,6 +107,8 @@ class Members:
         member = None if draw is None else draw.member
         logits = [self._forward(i, x, devices[i]) for i in range(n) if i != member]
         layout = check_logits(logits, x.shape[0], [i for i in range(n) if i != member], class_dim)
+        if self.shift_targets:  # position t learns the target at t + 1
+            layout, y = shift(layout, y)
         check_targets(y, layout, self.ignore_index)
         if pool is not None and not pool.checked:
             pool.check(x, y, num_classes=layout[0], ignore_index=self.ignore_index)
@@ -123,7 +131,10 @@ class Members:
         return self._inputs(logits, targets, devices[0], Cut(n) if cut else None)
 
     def _inputs(self, logits: list[Tensor], targets: Tensor, device: torch.device, cut: "Cut | None") -> StepInputs:
-        cutter = cut if cut is not None else _no_cut
+        cutter = cut if cut is not None else no_cut
+        if self.shift_targets:  # the logits at 0..T-2 (the targets were shifted in forward)
+            dim = next(d for d in range(1, logits[0].dim()) if d != self.class_dim % logits[0].dim())
+            logits = [z.narrow(dim, 0, z.shape[dim] - 1) for z in logits]
         captured = {}
         for need in self.needs:  # contiguous: a compiled step is several times slower on channels_last maps
             values = self.capture[need].take(need)
@@ -134,11 +145,19 @@ class Members:
 
     def _forward(self, i: int, x: Tensor, device: torch.device) -> Tensor:
         x = x.to(device, non_blocking=True)
-        if self.autocast_dtype is None:
-            output = self.models[i](x)
-        else:
-            with torch.autocast(device.type, dtype=self.autocast_dtype):
+        try:
+            if self.autocast_dtype is None:
                 output = self.models[i](x)
+            else:
+                with torch.autocast(device.type, dtype=self.autocast_dtype):
+                    output = self.models[i](x)
+        except IndexError as error:  # an embedding given token ids beyond its vocabulary
+            if x.is_floating_point():
+                raise
+            raise ValueError(
+                f"models[{i}] could not embed the token ids of inputs {list(x.shape)} (values in [{int(x.min())}, "
+                f"{int(x.max())}]): {error}. Token ids must lie in [0, vocabulary size) of every member."
+            ) from error
         return extract_logits(output, self.logits_from[i], member=i)
 
     def probe(self, example_input: Tensor) -> dict[str, list[tuple[int, ...]]]:
@@ -215,37 +234,6 @@ class Members:
         """Remove the hooks from the members."""
         for capture in self.capture.values():
             capture.remove()
-
-
-def _no_cut(i: int, output: Tensor) -> Tensor:
-    return output
-
-
-class Cut:
-    """Each member's graph cut at its outputs (logits, hooked features and embeddings).
-
-    The step math runs on detached leaves that stand for those outputs, so one backward of the
-    summed losses fills the leaves' ``.grad``; :meth:`backward` then carries them through member
-    ``i``'s own graph.
-    """
-
-    def __init__(self, n: int):
-        self.pairs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(n)]
-
-    def __call__(self, i: int, output: Tensor) -> Tensor:
-        if not output.requires_grad:
-            return output
-        leaf = output.detach().requires_grad_()
-        self.pairs[i].append((output, leaf))
-        return leaf
-
-    def backward(self, i: int) -> None:
-        """Member ``i``'s backward from its outputs; its graph is freed."""
-        pairs = [(output, leaf.grad) for output, leaf in self.pairs[i] if leaf.grad is not None]
-        self.pairs[i] = []
-        if pairs:
-            outputs, grads = zip(*pairs)
-            torch.autograd.backward(outputs, grads)
 
 
 class NonfiniteWatch:

@@ -1,5 +1,7 @@
-"""``L_D``: the student imitates its teachers' class distributions (paper Eq. 9)."""
+"""``L_D``: the student imitates its teachers' class distributions (paper Eq. 9), by the forward KL
+(the paper's), the reverse KL or the generalized Jensen-Shannon divergence (as TRL's ``GKDTrainer``)."""
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,23 +20,26 @@ def kl_term(
     logits: Sequence[Tensor] | None = None,
     valid: Tensor | None = None,
     pairwise: bool = False,
+    divergence: str = "forward",
+    beta: float = 0.5,
 ) -> Tensor:
     """``tau^2 * sum_j W_ij KL(p_j || p_i)`` per member and row, averaged over the rows: ``[N]``.
 
-    Rows are samples (``batchmean``) or positions: ``log_probs`` ``[N, R, C]``, ``teaches`` ``[N, R]``,
-    ``W`` ``[N, N]`` or ``[R, N, N]``. ``p = softmax(z / tau)``. ``p_j`` is a target (no gradient
-    reaches the teacher through it); where ``teaches`` is False member ``j`` contributes nothing.
-    With ``valid`` ``[N, R]`` the mean is over each student's valid rows only. ``pairwise`` computes
-    the same sum pair by pair, the faster way at a row per position (``[B, C]`` keeps the einsum).
+    Rows are samples or positions: ``log_probs`` ``[N, R, C]``, ``teaches`` ``[N, R]`` (where ``p_j``, a
+    target without gradient, may teach), ``W`` ``[N, N]`` or ``[R, N, N]``, ``p = softmax(z / tau)``; the
+    mean is over each student's ``valid`` rows. ``pairwise``: the same sum pair by pair (faster at a row
+    per position). ``divergence`` ``"reverse"`` / ``"jsd"`` (:class:`KL`) replace the KL, without ``tau^2``.
     """
     if temperature != 1.0:
         if logits is None:
             raise ValueError(f"kl_term: temperature={temperature} needs the logits (logits=...) to rescale them.")
         log_probs = (torch.stack([upcast(z) for z in logits]) / temperature).log_softmax(dim=-1)
-    if pairwise:
-        kl = _pairwise(log_probs, teaches, weights)
-        valid = torch.ones_like(teaches) if valid is None else valid
-        return torch.where(valid, kl, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(kl.dtype) * temperature**2
+    if pairwise or divergence != "forward":
+        if divergence == "forward":
+            kl, scale = _pairwise(log_probs, teaches, weights), temperature**2
+        else:
+            kl, scale = _pairwise_divergence(log_probs, teaches, weights, divergence, beta), 1.0
+        return _mean(kl, torch.ones_like(teaches) if valid is None else valid) * scale
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
     w = per_sample(weights, log_probs.shape[1]).to(p.dtype)
     # sum_j W_ij KL(p_j || p_i) = sum_j W_ij sum_c p_j log p_j - sum_c q_i log p_i,
@@ -44,8 +49,12 @@ def kl_term(
     kl = torch.einsum("bij,jb->ib", w, neg_entropy) - (q * log_probs).sum(dim=-1)
     if valid is None:
         return kl.mean(dim=1) * temperature**2
-    kl = torch.where(valid, kl, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(kl.dtype)
-    return kl * temperature**2
+    return _mean(kl, valid) * temperature**2
+
+
+def _mean(values: Tensor, valid: Tensor) -> Tensor:
+    """``[N, R] -> [N]``: each member's mean over its valid rows (0 with none)."""
+    return torch.where(valid, values, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(values.dtype)
 
 
 def _pairwise(log_probs: Tensor, teaches: Tensor, weights: Tensor) -> Tensor:
@@ -63,6 +72,39 @@ def _pairwise(log_probs: Tensor, teaches: Tensor, weights: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+def _divergence(log_p: Tensor, log_t: Tensor, t: Tensor, divergence: str, beta: float) -> Tensor:
+    """``D`` between student ``log p`` and teacher ``log t`` (``t = exp(log t)``), summed over classes."""
+    if divergence == "forward" or (divergence == "jsd" and beta == 0):  # KL(t || p)
+        return (t * (log_t - log_p)).sum(dim=-1)
+    p = log_p.exp()
+    if divergence == "reverse" or beta == 1:  # KL(p || t)
+        return (p * (log_p - log_t)).sum(dim=-1)
+    # M = (1 - beta) p + beta t;  beta KL(t || M) + (1 - beta) KL(p || M)
+    log_m = torch.logaddexp(log_p + math.log(1 - beta), log_t + math.log(beta))
+    return beta * (t * (log_t - log_m)).sum(dim=-1) + (1 - beta) * (p * (log_p - log_m)).sum(dim=-1)
+
+
+def _pairwise_divergence(log_probs: Tensor, teaches: Tensor, weights: Tensor, divergence: str, beta: float) -> Tensor:
+    """``sum_j W_ij D(p_i, p_j)`` per row ``[N, R]``; the teacher ``p_j`` detached, and 0 (with a finite
+    stand-in) wherever member ``j`` may not teach, so no NaN reaches a gradient."""
+    n, w = log_probs.shape[0], weights.to(log_probs.dtype)
+    target = [torch.where(teaches[j].unsqueeze(-1), log_probs[j].detach(), 0.0) for j in range(n)]
+    probs = [torch.where(teaches[j].unsqueeze(-1), target[j].exp(), 0.0) for j in range(n)]
+    rows = []
+    for i in range(n):
+        pairs = [
+            w[..., i, j]
+            * torch.where(teaches[j], _divergence(log_probs[i], target[j], probs[j], divergence, beta), 0.0)
+            for j in range(n)
+            if j != i
+        ]
+        rows.append(torch.stack(pairs).sum(dim=0))
+    return torch.stack(rows)
+
+
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
 @register_term("kl")
 class KL(Term):
     """Logit distillation, ``tau^2 * sum_j W_ij KL(softmax(z_j / tau) || softmax(z_i / tau))`` (Eq. 9).
@@ -73,6 +115,12 @@ class KL(Term):
     Args:
         weight (float): ``alpha``. Default: 1.
         temperature (float): ``tau``. Default: 1.
+        divergence (str): ``"forward"`` ``KL(p_T || p_S)`` (the paper's, default), ``"reverse"``
+            ``KL(p_S || p_T)``, or ``"jsd"``, the generalized Jensen-Shannon divergence of TRL's
+            ``GKDTrainer.generalized_jsd_loss`` (Agarwal et al., 2024): ``M = (1 - beta) p_S + beta p_T``,
+            ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)``; ``beta`` 0 is the forward KL, 1 the reverse.
+            Only ``"forward"`` carries the ``tau^2`` factor (TRL's divergences have none).
+        beta (float): the ``"jsd"`` interpolation, in ``[0, 1]``. Default: 0.5.
 
     Example:
         >>> from competitive.terms import StepOutputs
@@ -84,9 +132,20 @@ class KL(Term):
 
     per_position = True  # reads W per row of StepOutputs
 
-    def __init__(self, weight: float = 1.0, *, temperature: float = 1.0):
+    def __init__(
+        self, weight: float = 1.0, *, temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5
+    ):
         super().__init__(weight)
         self.temperature = check_real("temperature", temperature, positive=True)
+        if divergence not in DIVERGENCES:
+            raise ValueError(
+                f"Invalid divergence {divergence!r} for the 'kl' term. Please provide one of {DIVERGENCES}."
+            )
+        self.divergence, self.beta = divergence, check_real("beta", beta, owner="kl")
+        if self.beta > 1:
+            raise ValueError(
+                f"Invalid beta value {beta!r} provided for the 'kl' term. Please provide a value in [0, 1]."
+            )
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         teaches = outputs.teaches if outputs.teaches_at is None else outputs.teaches_at
@@ -98,7 +157,10 @@ class KL(Term):
             logits=outputs.logits,
             valid=outputs.valid,
             pairwise=bool(outputs.positions) and outputs.valid is not None,  # a row per position: pair by pair
+            divergence=self.divergence,
+            beta=self.beta,
         )
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, temperature={self.temperature}"
+        extra = "" if self.divergence == "forward" else f", divergence={self.divergence!r}, beta={self.beta}"
+        return f"weight={self.weight}, temperature={self.temperature}{extra}"
