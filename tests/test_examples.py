@@ -58,3 +58,15 @@ def test_segmentation_pair_has_a_teacher_per_pixel():
     assert {"ce/0", "ce/1", "kl/0", "kl/1", "cwd/0", "cwd/1"} <= set(logged)
     assert all(v == v for v in logged.values())  # no NaN anywhere
     assert out["stats"]["steps"] == 2 and sum(out["stats"]["teacher_count"]) == pytest.approx(2.0)
+
+
+def test_hf_causal_lm_trains_two_families_token_by_token():
+    pytest.importorskip("transformers")
+    out = _main("hf_causal_lm")(["--smoke"])
+    log, teacher, ids = out["log"], out["teacher"], out["ids"]
+    assert list(teacher.shape) == [ids.shape[0], ids.shape[1] - 1]  # shift_targets: T - 1 positions
+    assert set(teacher.unique().tolist()) <= {0, 1}  # every byte counts: no -100 in these labels
+    assert {"ce/0", "ce/1", "kl/0", "kl/1", "teacher_share/0", "teacher_share/1"} <= set(log[-1])
+    assert all(v == v for entry in log for v in entry.values())  # no NaN
+    assert log[-1]["teacher_share/0"] + log[-1]["teacher_share/1"] == pytest.approx(1.0)
+    assert out["stats"]["steps"] == 3
