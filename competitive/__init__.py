@@ -4,7 +4,7 @@ from .functional import LossTerms, competitive_loss, distillation_weights, group
 from .group import CompetitiveGroup
 from .losses import StepLosses, step_losses, teacher_index
 from .members import Members
-from .operations import default_operations
+from .operations import default_operations, token_operations
 from .parts import GroupParts, TermList
 from .perturbation import PerturbationPool
 from .result import StepResult
@@ -52,6 +52,7 @@ __all__ = [
     "register_term",
     "step_losses",
     "teacher_index",
+    "token_operations",
 ]
 
 __version__ = "0.5.0"

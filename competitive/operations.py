@@ -147,3 +147,70 @@ def member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: 
         targets = dense_rows(y, num_classes, ignore).expand(n, *[-1] * (y.dim() + 1)).clone()
     targets[perturbed] = y_p.to(torch.float32)
     return targets
+
+
+class TokenReplace:
+    """Each token replaced by a uniformly random id with probability ``rate``, drawn per call from
+    ``rates``; the targets stay the clean tokens."""
+
+    def __init__(self, vocab_size: int, rates: tuple[float, float] = (0.05, 0.25)):
+        self.vocab_size, self.rates = vocab_size, rates
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        rate = float(torch.empty(()).uniform_(*self.rates))  # on the CPU: nothing is read back from a GPU
+        replace = torch.rand(x.shape, device=x.device) < rate
+        return torch.where(replace, torch.randint(0, self.vocab_size, x.shape, device=x.device), x), y
+
+
+class SpanMask:
+    """Spans of ``lengths`` tokens (about ``share`` of the tokens) replaced by ``mask_token_id``."""
+
+    def __init__(self, mask_token_id: int, share: float = 0.15, lengths: tuple[int, int] = (2, 6)):
+        self.mask_token_id, self.share, self.lengths = mask_token_id, share, lengths
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        position = torch.arange(x.shape[1], device=x.device)
+        starts = torch.rand(x.shape, device=x.device) < self.share / (sum(self.lengths) / 2)
+        lengths = torch.randint(self.lengths[0], self.lengths[1] + 1, x.shape, device=x.device)
+        ends = torch.where(starts, position + lengths, 0)  # a span covers start <= t < end
+        masked = ends.cummax(dim=1).values > position
+        return torch.where(masked, self.mask_token_id, x), y
+
+
+class LocalShuffle:
+    """The tokens of each window of ``window`` positions shuffled with probability ``p``."""
+
+    def __init__(self, window: int = 4, p: float = 0.5):
+        self.window, self.p = window, p
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        batch, length = x.shape[0], x.shape[1] - x.shape[1] % self.window
+        windows = x[:, :length].reshape(batch, -1, self.window)
+        keys = torch.rand(windows.shape, device=x.device)
+        keep = torch.rand(windows.shape[:2], device=x.device) >= self.p  # these windows keep their order
+        keys = torch.where(keep.unsqueeze(-1), torch.arange(self.window, device=x.device).float(), keys)
+        shuffled = windows.gather(-1, keys.argsort(dim=-1)).reshape(batch, length)
+        return torch.cat([shuffled, x[:, length:]], dim=1), y
+
+
+def token_operations(vocab_size: int, mask_token_id: int | None = None) -> dict[str, Operation]:
+    """Perturbations of token ids ``[B, T]`` for a :class:`~competitive.PerturbationPool`: random token
+    replacement (a rate from 5 to 25 % drawn per step), span masking when ``mask_token_id`` is given
+    (about 15 % of the tokens, in spans of 2-6), and local shuffles (windows of 4 tokens, each shuffled
+    with probability 0.5). The targets stay the clean tokens, so the perturbed member learns to denoise,
+    and ignored targets stay ignored.
+
+    Example:
+        >>> ops = token_operations(256, mask_token_id=0)
+        >>> sorted(ops)
+        ['local_shuffle', 'replace', 'span_mask']
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"Invalid vocab_size {vocab_size!r}. Please provide the vocabulary size, an int >= 2.")
+    if mask_token_id is not None and not (isinstance(mask_token_id, int) and 0 <= mask_token_id < vocab_size):
+        raise ValueError(f"Invalid mask_token_id {mask_token_id!r}. Please provide an id in [0, {vocab_size}) or None.")
+    ops: dict[str, Operation] = {"replace": TokenReplace(vocab_size)}
+    if mask_token_id is not None:
+        ops["span_mask"] = SpanMask(mask_token_id)
+    ops["local_shuffle"] = LocalShuffle()
+    return ops

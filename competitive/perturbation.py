@@ -138,10 +138,11 @@ class PerturbationPool(nn.Module):
                 f"Perturbations {cannot} cannot move dense targets of shape {list(y.shape)} with the image (kornia "
                 "cannot warp masks with them). Leave them out of the pool, or give them weight 0."
             )
-        if x.dim() != 4:
+        images = [n for n, kind in zip(self.names, self.kinds) if kind != "pair"]
+        if x.dim() != 4 and images:  # an (x, y) -> (x', y') callable takes any inputs (token_operations)
             raise ValueError(
-                f"Perturbation {self.names[0]!r} needs an image batch [B, C, H, W]; got inputs of shape "
-                f"{list(x.shape)}. Use perturbation=None for non-image inputs."
+                f"Perturbation {images[0]!r} needs an image batch [B, C, H, W]; got inputs of shape "
+                f"{list(x.shape)}. Use token_operations() for token ids, or perturbation=None."
             )
         x, y = x[:2].detach(), y[:2]
         for index, name in enumerate(self.names):
@@ -172,10 +173,9 @@ class PerturbationPool(nn.Module):
         where ignored or brought in), or label rows ``[B, C, H, W]`` from mixing (zeros: ignored).
         """
         op, kind, name = self.operations[index], self.kinds[index], self.names[index]
-        if x.dim() != 4:
+        if x.dim() != 4 and kind != "pair":
             raise ValueError(
-                f"Perturbation {name!r} needs an image batch [B, C, H, W]; got inputs "
-                f"of shape {list(x.shape)}. Use perturbation=None for non-image inputs."
+                f"Perturbation {name!r} needs an image batch [B, C, H, W]; got inputs of shape {list(x.shape)}."
             )
         if not self.can_apply(index, x):
             raise ValueError(f"Perturbation {name!r} mixes images and needs a batch of at least 2; got {x.shape[0]}.")

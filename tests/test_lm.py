@@ -153,3 +153,41 @@ def test_bad_divergence_settings():
         KL(divergence="js")
     with pytest.raises(ValueError, match=r"Invalid beta value 1.5 .* in \[0, 1\]"):
         KL(divergence="jsd", beta=1.5)
+
+
+def test_token_operations_keep_the_targets_and_repeat_from_their_seed():
+    from competitive import PerturbationPool, token_operations
+
+    pool = PerturbationPool(token_operations(50, mask_token_id=0), p=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 50, (4, 24), generator=g)
+    y = x.clone()
+    y[0, :5] = -100
+    for index, name in enumerate(pool.names):
+        x2, y2 = pool.perturb(index, x, y, seed=7, num_classes=50)
+        again, _ = pool.perturb(index, x, y, seed=7, num_classes=50)
+        assert torch.equal(y2, y) and torch.equal(x2, again) and not torch.equal(x2, x), name
+        if name == "span_mask":
+            assert set(x2[x2 != x].tolist()) == {0}
+        if name == "local_shuffle":  # every window of 4 holds the same tokens, maybe in another order
+            assert torch.equal(x2.view(4, 6, 4).sort(-1).values, x.view(4, 6, 4).sort(-1).values)
+        if name == "replace":
+            assert 0 < (x2 != x).float().mean() < 0.3
+
+
+def test_a_token_pool_trains_two_lms_and_checks_at_the_first_step():
+    from competitive import PerturbationPool, token_operations
+
+    torch.manual_seed(0)
+    models = [TinyLM(), TinyLM(width=12)]
+    pool = PerturbationPool(token_operations(11, mask_token_id=0), p=1.0)
+    group = _group(models, class_dim=-1, shift_targets=True, granularity="position", perturbation=pool)
+    seen = set()
+    for _ in range(8):
+        ids = torch.randint(0, 11, (4, 9))
+        result = group.step((ids, ids))
+        seen.add(result.perturbation)
+        assert torch.isfinite(result.loss).all() and result.teacher.shape == (4, 8)
+    assert seen == {"replace", "span_mask", "local_shuffle"}
+    with pytest.raises(ValueError, match=r"Invalid mask_token_id 11"):
+        token_operations(11, mask_token_id=11)
