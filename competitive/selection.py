@@ -1,5 +1,6 @@
 """Who learns from whom: the selection rules (paper §3.1, Eq. 4). They live with the rest of the
-step math in :mod:`competitive.losses`; this module names them on their own."""
+step math in :mod:`competitive.losses` (``distillation_weights``, for loops without a group, in
+:mod:`competitive.functional`); this module names them on their own."""
 
 from .functional import distillation_weights
 from .losses import GRANULARITIES, RULES, check_rule, teacher_index, weights_for_teacher
