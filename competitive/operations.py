@@ -114,8 +114,12 @@ def perturb_dense(op: Operation, kind: str, x: Tensor, y: Tensor, num_classes: i
         source = batch.float().view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
         images, _ = op(torch.cat([x, source], dim=1), batch)
         index = images[:, -1]
-        if not torch.equal(index, index.round()) or not ((index >= 0) & (index < x.shape[0])).all():
-            raise ValueError("it blends pixels, so the targets of a pixel cannot be told (only pasting works)")
+        pasted = ((index == index.round()) & (index >= 0) & (index < x.shape[0])).all()
+        message = "it blends pixels, so the targets of a pixel cannot be told (only pasting works)"
+        if index.device.type != "cpu":
+            torch._assert_async(pasted, message)  # checked on the device, without waiting for it
+        elif not pasted:
+            raise ValueError(message)
         return images[:, :-1], dense_rows(torch.gather(y, 0, index.long()), num_classes, ignore)
     inner = op.op if isinstance(op, InUnitRange) else op
     if isinstance(inner, K.IntensityAugmentationBase2D):
