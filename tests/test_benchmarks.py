@@ -106,3 +106,32 @@ def test_perturbation_benchmark_runs_the_pool_as_the_group_does(tmp_path, monkey
         torch.set_num_threads(threads)
     rows = json.loads(next(tmp_path.glob("perturb-*.json")).read_text())
     assert "pool (draw + apply)" in json.dumps(rows) and "mixup" in json.dumps(rows)
+
+
+def test_lm_benchmark_runs_every_setting_and_merges_split_seeds(tmp_path):
+    import json
+
+    pytest.importorskip("transformers")
+    import lm
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(range(32, 127)) * 20)
+    small = ["--steps", "3", "--eval-every", "2", "--eval-windows", "4", "--context", "16", "--batch", "2",
+             "--width", "16", "--data", str(text)]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        for seed in (0, 1):
+            lm.main([*small, "--seeds", str(seed), "--out", str(tmp_path / f"s{seed}")])
+        merged = [str(tmp_path / f"s{seed}" / "results.json") for seed in (0, 1)]
+        lm.main([*small, "--seeds", "0,1", "--out", str(tmp_path / "merged"), "--merge", *merged])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "merged" / "results.json").read_text())["results"]
+    assert sorted(results) == sorted(lm.SETTINGS) and all(sorted(r) == ["0", "1"] for r in results.values())
+    run = results["competitive-position"]["0"]
+    assert run["step"] == [2, 3] and len(run["val"][-1]) == 2 and len(run["ce"]) == 3
+    table = (tmp_path / "merged" / "table.md").read_text()
+    assert "competitive-position-jsd" in table and (tmp_path / "merged" / "val_loss.png").exists()
+    # a seed gives every setting the same initial weights and first batch: the same CE before any update
+    first = {setting: runs["0"]["ce"][0] for setting, runs in results.items()}
+    assert len({tuple(v) for v in first.values()}) == 1, first
