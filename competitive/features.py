@@ -206,7 +206,8 @@ def check_logits(logits: Sequence[Any], batch_size: int, members: Sequence[int],
     if len({layout[1:] for layout in layouts}) > 1:
         shown = "; ".join(f"models[{i}]: C={c}, positions {list(p)}" for i, c, p in layouts)
         raise ValueError(
-            f"Members disagree on the number of classes or the positions: {shown}. All must predict the same."
+            f"Members disagree on the number of classes or the positions: {shown}. All must predict the same (for "
+            "language models: the same vocabulary; mapping between vocabularies is not supported)."
         )
     _, classes, positions = layouts[0]
     if classes < 2:
