@@ -156,7 +156,13 @@ def check_member_settings(
     class_dim: Any = 1,
     ignore_index: Any = -100,
     shift_targets: Any = False,
+    chunk_rows: Any = None,
 ) -> None:
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 0):
+        raise ValueError(
+            f"Invalid chunk_rows value {chunk_rows!r} provided. Please provide an int >= 0 (positions per chunk of "
+            "the step math; 0: never chunk) or None (chunk logits of more than 2**24 values)."
+        )
     for name, value in (("class_dim", class_dim), ("ignore_index", ignore_index)):
         if isinstance(value, bool) or not isinstance(value, int) or (name == "class_dim" and value == 0):
             allowed = "an int other than 0 (dim 0 is the batch): 1 as F.cross_entropy, -1 for [B, ..., C]"

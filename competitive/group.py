@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from . import _validation as check
 from ._deprecated import Fixed, Moved, forward_deprecated
+from .chunked import AUTO_VALUES, chunking
+from .chunked import chunked_losses as chunked
 from .distributed import default_seed, global_mean
 from .features import HookSpec, LogitsSpec
 from .losses import step_losses
@@ -24,9 +26,8 @@ from .terms import Term
 class CompetitiveGroup:
     """Trains ``N >= 2`` networks on the same batches by competitive distillation.
 
-    Each :meth:`step` forwards every member, picks the teacher from the cross-entropies, adds every
-    knowledge term to each student's loss, then backpropagates and steps each member in turn. Each
-    setting of a term or of the pool lives on that object; see README (Options) for all of them.
+    Each :meth:`step` forwards every member, picks the teacher from the cross-entropies, adds every knowledge
+    term to each student's loss, then backpropagates and steps each member; a term's settings live on it.
 
     Args:
         models (list of nn.Module): the members; logits ``[B, C]`` with targets ``[B]``, or per position
@@ -34,31 +35,28 @@ class CompetitiveGroup:
         optimizers (list of Optimizer or None): ``optimizers[i]`` steps ``models[i]``; None if frozen.
         feature_hooks, embedding_hooks (list, optional): per member, a submodule (or its name): the maps
             the ``"feature"`` / ``"adm"`` / ``"cwd"`` terms read; the input of an ``nn.Linear`` for ``"mcl"``.
-        terms (list of str or Term, optional): the knowledge terms, by registered name
-            (:func:`~competitive.register_term`) or as instances holding their settings
-            (``KL(0.5, temperature=4)``). Default: ``["kl"]``, plus ``"feature"`` with feature hooks.
+        terms (list of str or Term, optional): the knowledge terms, by registered name or as instances holding
+            their settings (``KL(0.5, temperature=4)``). Default: ``["kl"]``, plus ``"feature"`` with feature hooks.
         rule (str): ``"best"`` (paper, default), ``"better"``, ``"mutual"`` or ``"independent"``.
         granularity (str): one teacher per ``"batch"`` (paper, default), ``"sample"`` or ``"position"``.
         class_dim (int): the class dimension of the logits: 1 (``F.cross_entropy``), -1 for ``[B, ..., C]``.
         ignore_index (int): targets that count nowhere (CE, competition, terms, counters). Default: -100.
         shift_targets (bool): logits at position t learn the target at t + 1 (causal LMs). Default: False.
+        chunk_rows (int, optional): positions per chunk of the step math (:mod:`competitive.chunked`); 0: never;
+            None: chunk logits of more than 2**24 values per member (a vocabulary). Default: None.
         warmup_steps (int): ramp every term's weight from 0 over the first steps. Default: 150.
         fixed_teacher (int, optional): this member always teaches (``rule="best"``). Default: None.
         logits_from (optional): where the logits are in a member's output: a key or attribute (``"out"`` for
             torchvision's segmentation), a tuple index, a callable; or one per member. Default: it, or ``.logits``.
-        perturbation (PerturbationPool, optional): with probability ``perturbation.p`` a step
-            perturbs one random member's batch. Default: None.
-        seed (int, optional): seed of the perturbation draws. Default: ``torch.initial_seed()``
-            (read, not drawn), so ``torch.manual_seed(s)`` repeats a run; rank 0's under DDP.
-        compile (bool or dict): ``torch.compile(fullgraph=True)`` the step math; a dict passes
-            ``backend``, ``mode``, ``options``, ``dynamic``. Default: False.
+        perturbation (PerturbationPool, optional): with probability ``p`` a step perturbs one member's batch.
+        seed (int, optional): seed of the draws. Default: ``torch.initial_seed()`` (rank 0's under DDP).
+        compile (bool or dict): ``torch.compile(fullgraph=True)`` the step math; a dict: its options. Default: False.
         skip_nonfinite (bool): skip the update of a member whose loss is NaN or inf. Default: False.
         autocast_dtype (torch.dtype, optional): run forwards under ``torch.autocast``. Default: None.
         example_input (Tensor, optional): inputs forwarded once (eval mode) to build the terms' parts now.
         process_group (ProcessGroup, optional): ranks that agree on one teacher under DDP.
         keep_cpu_memory (bool): keep freed CPU memory (:func:`competitive.memory.keep_freed_memory`). Default: True.
-        **deprecated: ``alpha``, ``temperature`` (``KL``'s), ``beta`` (``FeatureL2``'s) and
-            ``perturb_prob`` (the pool's ``p``), forwarded with a ``DeprecationWarning``.
+        **deprecated: ``alpha``, ``temperature``, ``beta``, ``perturb_prob``: forwarded with a warning.
 
     Example:
         >>> nets = [nn.Linear(4, 3), nn.Linear(4, 3)]
@@ -81,6 +79,7 @@ class CompetitiveGroup:
         class_dim: int = 1,
         ignore_index: int = -100,
         shift_targets: bool = False,
+        chunk_rows: int | None = None,
         warmup_steps: int = 150,
         fixed_teacher: int | None = None,
         logits_from: LogitsSpec | Sequence[LogitsSpec] = None,
@@ -97,6 +96,7 @@ class CompetitiveGroup:
         n = check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument, before any hook
         layout: dict[str, Any] = dict(class_dim=class_dim, ignore_index=ignore_index, shift_targets=shift_targets)
         c = check.settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
+        check.check_member_settings(None, False, chunk_rows=chunk_rows)
         built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
         self.members = Members(
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite, **layout
@@ -106,8 +106,9 @@ class CompetitiveGroup:
         self.perturbation, self.process_group, self.warmup_steps = perturbation, process_group, warmup_steps
         self.keep_cpu_memory = keep_cpu_memory
         kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, class_dim=class_dim)
-        kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group))  # used at "batch"
-        self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
+        kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group), shift_targets=shift_targets)
+        fns: list[Any] = [f if c is None else torch.compile(f, fullgraph=True, **c) for f in (step_losses, chunked)]
+        self.loss_fn, self.chunked_fn = partial(fns[0], **kw), partial(fns[1], **kw, chunk_rows=chunk_rows)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its
@@ -160,7 +161,9 @@ class CompetitiveGroup:
                 self.cpu_memory = keep_freed_memory()
         draw = pool.draw(self.parts.generator, len(self.members), x, y) if pool is not None else None
         inputs = self.members.forward(x, y, draw, pool, cut)
-        out = self.loss_fn(inputs.logits, inputs.targets, terms=self.parts.terms, **inputs.captured)
+        big, rows, terms = inputs.logits[0].numel() > AUTO_VALUES, self.chunked_fn.keywords["chunk_rows"], self.terms
+        fn = self.chunked_fn if rows != 0 and (rows or big) and chunking(inputs.logits, rows, terms) else self.loss_fn
+        out = fn(inputs.logits, inputs.targets, terms=terms, **inputs.captured)
         ramp = self.ramp if train else 1.0
         loss = out.ce
         for term in cast(Iterable[Term], self.parts.terms):  # a TermList holds Terms

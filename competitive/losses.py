@@ -1,13 +1,9 @@
 """The per-step math of each iteration (paper §3.1, §3.3, Eq. 4, 7-11), as pure functions.
 
-:func:`step_losses` is what :class:`~competitive.CompetitiveGroup` runs every step (eagerly, or
-compiled with ``torch.compile(fullgraph=True)``): cross-entropy, the competition (who may teach,
-the teacher, the rule's matrix ``W``), then every knowledge term. Every rule turns per-member
-scores into ``W`` with ``W[..., i, j]`` = how much member ``i`` learns from member ``j``: rows of
-students sum to 1 and the teacher's row is 0, so one loss function serves every rule. This module
-also holds what every term reads (:class:`StepOutputs`). Nothing here reads a tensor back to the
-host or branches on a tensor value in Python, so it runs under ``torch.compile`` with
-``fullgraph=True`` and never syncs a GPU with the host.
+:func:`step_losses` is what :class:`~competitive.CompetitiveGroup` runs every step (eagerly, or under
+``torch.compile(fullgraph=True)``): cross-entropy, the competition (who may teach, the teacher, the
+rule's ``W``, ``W[..., i, j]`` = how much member ``i`` learns from ``j``), then every knowledge term;
+also what every term reads (:class:`StepOutputs`). Nothing here syncs a GPU with the host.
 """
 
 from collections.abc import Callable, Sequence
@@ -36,13 +32,8 @@ def _ranking_key(ce: Tensor) -> Tensor:
 def teacher_index(ce: Tensor) -> Tensor:
     """Index of the member with the lowest finite cross-entropy (paper Eq. 4).
 
-    Args:
-        ce (Tensor): cross-entropies ``[..., N]``: ``[N]`` for one teacher per batch, ``[B, N]`` per
-            sample, ``[R, N]`` per position.
-
-    Returns:
-        LongTensor of shape ``ce.shape[:-1]``. Ties go to the lowest index; ``-1`` where every entry
-        is NaN or inf (no teacher; the group raises when no member's loss is finite).
+    ``ce`` ``[..., N]`` (``[N]``, ``[B, N]`` per sample, ``[R, N]`` per position) gives a LongTensor
+    ``ce.shape[:-1]``; ties go to the lowest index, ``-1`` where every entry is NaN or inf.
 
     Example:
         >>> teacher_index(torch.tensor([0.9, 0.4, torch.nan, 0.4]))
@@ -82,9 +73,6 @@ def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Ten
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
-# -- what every term reads ------------------------------------------------------------------
-
-
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32, also when the members run in bf16 / fp16 under autocast."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -100,16 +88,12 @@ class StepOutputs(NamedTuple):
     flattened into rows, ``R = B * d1 * ... * dk`` (``R = B`` for logits ``[B, C]``).
 
     Attributes:
-        logits (list of Tensor): ``N`` tensors ``[R, C]``, the class dimension last.
-        log_probs (Tensor): ``[N, R, C]`` log-softmax of the logits (at least float32).
-        labels (Tensor): ``[N, R]`` the class each member was trained towards (the argmax of a mixed
-            label; ``ignore_index`` where the position is ignored).
-        teaches (BoolTensor): ``[N, B]`` where member ``j``'s outputs on sample ``b`` are all finite
-            (and the sample has a valid position), so it may act as a target there.
-        features (list of Tensor or None): the hooked feature maps, ``[B, ...]`` per member.
-        embeddings (list of Tensor or None): the hooked embeddings, ``[B, D_i]`` per member.
-        valid (BoolTensor or None): ``[N, R]`` rows whose target is not ignored (None: all).
-        teaches_at (BoolTensor or None): ``[N, R]`` rows where member ``j`` may be a target.
+        logits, log_probs: ``N`` tensors ``[R, C]`` (classes last), their log-softmax ``[N, R, C]`` (>= float32;
+            both ``[.., R, 0]`` in :func:`~competitive.chunked.chunked_losses`, which computes ``kl`` itself).
+        labels (Tensor): ``[N, R]`` the class each member learns towards (``ignore_index`` where ignored).
+        teaches (BoolTensor): ``[N, B]`` where member ``j``'s outputs on sample ``b`` are all finite.
+        features, embeddings (list of Tensor or None): the hooked outputs, ``[B, ...]`` per member.
+        valid, teaches_at (BoolTensor or None): ``[N, R]`` rows not ignored (None: all); where ``j`` may teach.
         positions (tuple of int): ``(d1, ..., dk)``; ``()`` for ``[B, C]`` logits.
     """
 
@@ -130,9 +114,6 @@ class StepOutputs(NamedTuple):
         if values is None:
             raise ValueError(f"This term reads {need}, but the step has none: give the group hooks for them.")
         return values
-
-
-# -- the step --------------------------------------------------------------------------------
 
 
 class KnowledgeTerm(Protocol):
@@ -177,18 +158,10 @@ def competition_score(ce_per_sample: Tensor, targets: Tensor) -> Tensor:
 
 
 def step_losses(
-    logits: Sequence[Tensor],
-    targets: Tensor,
-    *,
-    terms: Sequence["KnowledgeTerm"] = (),
-    features: Sequence[Tensor] | None = None,
-    embeddings: Sequence[Tensor] | None = None,
-    rule: str = "best",
-    granularity: str = "batch",
-    reduce_score: Callable[[Tensor], Tensor] | None = None,
-    fixed_teacher: int | None = None,
-    class_dim: int = 1,
-    ignore_index: int = -100,
+    logits: Sequence[Tensor], targets: Tensor, *, terms: Sequence["KnowledgeTerm"] = (),
+    features: Sequence[Tensor] | None = None, embeddings: Sequence[Tensor] | None = None, rule: str = "best",
+    granularity: str = "batch", reduce_score: Callable[[Tensor], Tensor] | None = None,
+    fixed_teacher: int | None = None, class_dim: int = 1, ignore_index: int = -100, shift_targets: bool = False,
 ) -> StepLosses:
     """Cross-entropy, competition, ``W`` and every term: one group step's math, without weights.
 
@@ -205,7 +178,12 @@ def step_losses(
         rule, granularity, fixed_teacher, class_dim, ignore_index (str, str, int, int, int): as the group's.
         reduce_score (callable, optional): applied to the batch scores ``[N]`` before selection
             (an all-reduce, so every process picks the same teacher). Only with ``"batch"``.
+        shift_targets (bool): the logits at position ``t`` learn the target at ``t + 1`` (causal LMs): targets
+            with the logits' positions are shifted here, targets with one position fewer are taken as shifted.
     """
+    if shift_targets:  # the logits at 0..T-2 learn the targets at 1..T-1
+        targets, dim = shifted_targets(logits, targets, class_dim), 2 if class_dim % logits[0].dim() == 1 else 1
+        logits = [z.narrow(dim, 0, z.shape[dim] - 1) for z in logits]
     outputs, ce, teacher, weights, valid = compete(
         logits, targets, features, embeddings, rule, granularity, reduce_score, fixed_teacher, class_dim, ignore_index
     )
@@ -215,6 +193,13 @@ def step_losses(
         shape = (outputs.teaches.shape[1], *outputs.positions)
         teacher, weights, valid = teacher.view(shape), weights.view(*shape, *weights.shape[-2:]), valid.view(shape)
     return StepLosses(ce, values, teacher, weights, valid)
+
+
+def shifted_targets(logits: Sequence[Tensor], targets: Tensor, class_dim: int) -> Tensor:
+    """``shift_targets``: the targets of positions ``1..T-1`` (as given where they have ``T - 1`` positions)."""
+    length = logits[0].shape[2 if class_dim % logits[0].dim() == 1 else 1]
+    dim = targets.dim() - (logits[0].dim() - 2)  # the targets' first position dim
+    return targets.narrow(dim, 1, length - 1) if targets.shape[dim] == length else targets
 
 
 def _rows(logits: Sequence[Tensor], targets: Tensor, class_dim: int, ignore_index: int) -> tuple[Tensor, ...]:
@@ -230,26 +215,34 @@ def _rows(logits: Sequence[Tensor], targets: Tensor, class_dim: int, ignore_inde
 
 
 def compete(
-    logits: Sequence[Tensor],
-    targets: Tensor,
-    features: Sequence[Tensor] | None,
-    embeddings: Sequence[Tensor] | None,
-    rule: str,
-    granularity: str,
-    reduce_score: Callable[[Tensor], Tensor] | None,
-    fixed_teacher: int | None = None,
-    class_dim: int = 1,
-    ignore_index: int = -100,
+    logits: Sequence[Tensor], targets: Tensor, features: Sequence[Tensor] | None, embeddings: Sequence[Tensor] | None,
+    rule: str, granularity: str, reduce_score: Callable[[Tensor], Tensor] | None, fixed_teacher: int | None = None,
+    class_dim: int = 1, ignore_index: int = -100,
 ) -> tuple["StepOutputs", Tensor, Tensor, Tensor, Tensor]:
     """CE, which member may teach which position, the teacher and ``W`` (Eq. 4, 7): what the terms
     read, the mean CE over valid positions ``[N]``, the teacher, ``W`` (per row at ``"position"``)
     and where the teacher counts."""
     check_rule(rule, granularity)
-    n, batch = len(logits), logits[0].shape[0]
+    batch = logits[0].shape[0]
     positions = tuple(s for d, s in enumerate(logits[0].shape) if d not in (0, class_dim % logits[0].dim()))
     rows, targets, valid = _rows(logits, targets, class_dim, ignore_index)
     log_probs = rows.log_softmax(dim=-1)
     ce_rows = torch.where(valid, cross_entropy(log_probs, targets), 0.0)
+    how = (rule, granularity, reduce_score, fixed_teacher, ignore_index)
+    teaches_at, teacher, weights, has, ok, labels = contest(ce_rows, targets, valid, features, embeddings, batch, *how)
+    outputs = StepOutputs(rows.unbind(0), log_probs, labels, ok, features, embeddings, valid, teaches_at, positions)
+    ce = ce_rows.sum(dim=1) / valid.sum(dim=1).to(ce_rows.dtype).clamp_min(1.0)  # mean over valid positions
+    return outputs, ce, teacher, weights, has
+
+
+def contest(
+    ce_rows: Tensor, targets: Tensor, valid: Tensor, features: Sequence[Tensor] | None,
+    embeddings: Sequence[Tensor] | None, batch: int, rule: str, granularity: str,
+    reduce_score: Callable[[Tensor], Tensor] | None, fixed_teacher: int | None, ignore_index: int,
+) -> tuple[Tensor, ...]:
+    """The competition on the CE rows ``[N, R]`` (0 where not ``valid``): where each member may teach
+    ``[N, R]``, the teacher, ``W``, where the teacher counts, ``teaches`` ``[N, B]`` and the labels ``[N, R]``."""
+    n = len(ce_rows)
     teaches_at = torch.isfinite(ce_rows) & valid  # a member may be a target only where finite
     for values in (features, embeddings):
         if values is not None:
@@ -263,10 +256,7 @@ def compete(
     weights = torch.where(has.unsqueeze(-1), weights_for_teacher(score, rule=rule, teacher=teacher), 0.0)
     ok = (teaches_at | ~valid).view(n, batch, -1).all(dim=-1) & valid.view(n, batch, -1).any(dim=-1)  # [N, B]
     labels = targets.argmax(dim=-1) if targets.dim() == 3 else targets.expand(n, -1)
-    labels = torch.where(valid, labels, ignore_index)
-    outputs = StepOutputs(rows.unbind(0), log_probs, labels, ok, features, embeddings, valid, teaches_at, positions)
-    ce = ce_rows.sum(dim=1) / valid.sum(dim=1).to(ce_rows.dtype).clamp_min(1.0)  # mean over valid positions
-    return outputs, ce, teacher, weights, has.any(dim=-1)
+    return teaches_at, teacher, weights, has.any(dim=-1), ok, torch.where(valid, labels, ignore_index)
 
 
 def _reduce(

@@ -131,10 +131,7 @@ class Members:
         return self._inputs(logits, targets, devices[0], Cut(n) if cut else None)
 
     def _inputs(self, logits: list[Tensor], targets: Tensor, device: torch.device, cut: "Cut | None") -> StepInputs:
-        cutter = cut if cut is not None else no_cut
-        if self.shift_targets:  # the logits at 0..T-2 (the targets were shifted in forward)
-            dim = next(d for d in range(1, logits[0].dim()) if d != self.class_dim % logits[0].dim())
-            logits = [z.narrow(dim, 0, z.shape[dim] - 1) for z in logits]
+        cutter = cut if cut is not None else no_cut  # shift_targets: the step math drops the last position
         captured = {}
         for need in self.needs:  # contiguous: a compiled step is several times slower on channels_last maps
             values = self.capture[need].take(need)

@@ -1,0 +1,293 @@
+"""The step math over chunks of positions, for logits too large to hold more than once (a language
+model's vocabulary): :func:`chunked_losses`, the same losses and gradients as :func:`~competitive.step_losses`.
+
+A first pass without gradient keeps per row only the log-sum-exp, the CE and each ``kl`` term's divergence
+of every pair of members; the teacher and ``W`` follow from those rows. The backward writes each member's
+gradient chunk by chunk from them and a second read of the logits: no ``[N, rows, classes]`` tensor exists
+besides the logits and their gradients. Plain tensor ops, so it also runs under ``torch.compile``.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .losses import KnowledgeTerm, StepLosses, StepOutputs, check_rule, contest, shifted_targets, term_weights, upcast
+from .terms.kl import KL
+
+AUTO_VALUES = 2**24  # chunk_rows=None: a member's logits with more values than this are chunked
+CHUNK_VALUES = 2**19  # eager: values per member and chunk (2 MB of float32, which stays in the CPU's caches)
+
+
+def chunking(logits: Sequence[Tensor], chunk_rows: int | None, terms: Sequence[Any]) -> bool:
+    """Whether a step runs :func:`chunked_losses`: ``chunk_rows`` > 0, or None, more than ``AUTO_VALUES``
+    values per member and no term that reads the logits (all but ``kl`` and the terms on hooked outputs)."""
+    if chunk_rows == 0:
+        return False
+    whole = [t.name for t in terms if not isinstance(t, KL) and not t.needs]  # terms that read the logits
+    if chunk_rows is None:
+        return logits[0].numel() > AUTO_VALUES and not whole
+    if whole:
+        raise ValueError(
+            f"chunk_rows={chunk_rows} computes the step over chunks of positions, but the terms {whole} read every "
+            "member's logits whole. Use 'kl' and terms on hooked outputs, or chunk_rows=0."
+        )
+    return True
+
+
+class Plan(NamedTuple):
+    """What the backward needs besides tensors: the layout, the chunks and each ``kl`` term's settings."""
+
+    class_dim: int
+    trim: int  # positions dropped at the end (shift_targets)
+    rows: int  # positions per chunk
+    kinds: tuple[tuple[float, str, float], ...]  # (temperature, divergence, beta) per kl term
+    labels: bool  # targets are label rows [N, R, C]
+
+
+def _view(z: Tensor, class_dim: int, trim: int) -> Tensor:
+    """Logits as ``[B', P', C]`` (a view where the layout allows), rows in the order of the step math."""
+    z = z.movedim(class_dim, -1)
+    if trim:
+        z = z.narrow(1, 0, z.shape[1] - trim)
+    batch, classes = z.shape[0], z.shape[-1]
+    z = z.reshape(batch, -1, classes)
+    return z if z.shape[1] > 1 else z.reshape(1, batch, classes)  # [B, C]: the batch is the positions
+
+
+def _chunks(shape: Sequence[int], rows: int) -> list[tuple[int, int, int]]:
+    step = max(1, min(rows, shape[1]))
+    return [(b, p, min(p + step, shape[1])) for b in range(shape[0]) for p in range(0, shape[1], step)]
+
+
+def _softmax(z: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``u = z / tau``, its log-sum-exp ``[r]`` and ``softmax(u)`` ``[r, C]``, from one ``exp``."""
+    u = z if tau == 1 else z / tau
+    top = u.amax(dim=-1, keepdim=True)
+    e = (u - top).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    return u, (top + total.log()).squeeze(-1), e.div_(total)
+
+
+def _pairs(u: list[Tensor], lse: list[Tensor], p: list[Tensor], kind: tuple[float, str, float]) -> Tensor:
+    """``D(p_i, p_j)`` for every student ``i`` and teacher ``j``: ``[N, N, r]`` (0 on the diagonal), and
+    for the JSD also ``KL(p_i || M)``, stacked as ``[2, N, N, r]``."""
+    _, divergence, beta = kind
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward" if beta == 0 else "reverse"
+    n, zero = len(u), torch.zeros_like(lse[0])
+    values = [[zero] * n for _ in range(n)]
+    extra = [[zero] * n for _ in range(n)]
+    own = [torch.linalg.vecdot(p[j], u[j]) - lse[j] for j in range(n)]  # sum p log p
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            if divergence == "forward":  # sum t_j (log t_j - log p_i)
+                values[i][j] = own[j] - torch.linalg.vecdot(p[j], u[i]) + lse[i]
+            elif divergence == "reverse":  # sum p_i (log p_i - log t_j)
+                values[i][j] = own[i] - torch.linalg.vecdot(p[i], u[j]) + lse[j]
+            else:
+                log_m = _log_mixture(u[i] - lse[i].unsqueeze(-1), u[j] - lse[j].unsqueeze(-1), beta)
+                student = own[i] - torch.linalg.vecdot(p[i], log_m)
+                values[i][j] = beta * (own[j] - torch.linalg.vecdot(p[j], log_m)) + (1 - beta) * student
+                extra[i][j] = student
+    return torch.stack([torch.stack([torch.stack(row) for row in m]) for m in (values, extra)])
+
+
+def _log_mixture(log_p: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """``log((1 - beta) p + beta t)`` (TRL's mixture), without leaving log space."""
+    return torch.logaddexp(log_p + math.log(1 - beta), log_t + math.log(beta))
+
+
+def _targets(targets: Tensor, n: int, dims: int, classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Targets as rows, ``[N, R]`` class indices (0 where ignored) or ``[N, R, C]`` label rows, and ``valid``."""
+    if targets.is_floating_point():
+        rows = targets.movedim(2, -1).reshape(n, -1, classes)
+        return rows, rows.sum(dim=-1) > 0
+    rows = targets.reshape(-1).expand(n, -1) if targets.dim() == dims - 1 else targets.reshape(n, -1)
+    valid = rows != ignore_index
+    return torch.where(valid, rows, 0), valid
+
+
+
+def _first_pass(views: list[Tensor], y: Tensor, valid: Tensor, plan: Plan) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Without gradient: per row, the log-sum-exp of every member at temperature 1 and at each ``kl`` term's
+    ``[(1 + K), N, R]``, the CE ``[N, R]`` (0 where ignored) and each term's pairs ``[2, N, N, R]``."""
+    shape, lse, ce = views[0].shape, [], []
+    pairs: list[list[Tensor]] = [[] for _ in plan.kinds]
+    with torch.no_grad():
+        for b, p0, p1 in _chunks(shape, plan.rows):
+            z = [upcast(v[b, p0:p1]) for v in views]
+            u1, lse1, p1_ = zip(*(_softmax(zi, 1.0) for zi in z))
+            target = _chunk(y, shape, b, p0, p1, plan.labels)
+            if plan.labels:
+                ce.append(torch.stack([lse1[i] * target[i].sum(-1) - torch.linalg.vecdot(target[i], z[i])
+                                       for i in range(len(z))]))
+            else:
+                ce.append(torch.stack([lse1[i] - z[i].gather(-1, target[i].unsqueeze(-1)).squeeze(-1)
+                                       for i in range(len(z))]))
+            at = [torch.stack(lse1)]
+            for k, kind in enumerate(plan.kinds):
+                u, ls, q = (u1, lse1, p1_) if kind[0] == 1 else zip(*(_softmax(zi, kind[0]) for zi in z))
+                at.append(torch.stack(ls))
+                pairs[k].append(_pairs(list(u), list(ls), list(q), kind))
+            lse.append(torch.stack(at))
+    ce_rows = torch.where(valid, torch.cat(ce, dim=-1), 0.0)
+    return torch.cat(lse, dim=-1), ce_rows, [torch.cat(p, dim=-1) for p in pairs]
+
+
+def _chunk(t: Tensor, shape: Sequence[int], b: int, p0: int, p1: int, classes: bool = False) -> Tensor:
+    """Rows ``(b, p0:p1)`` of ``t`` ``[..., R]`` (or ``[N, R, C]`` with ``classes``), its rows ``shape[:2]``."""
+    if classes:
+        return t.reshape(t.shape[0], shape[0], shape[1], t.shape[-1])[:, b, p0:p1]
+    return t.reshape(*t.shape[:-1], shape[0], shape[1])[..., b, p0:p1]
+
+
+class _Gradients(torch.autograd.Function):
+    """Zeros ``[1 + K, N]`` (added to the CE and each ``kl`` term's values); the backward writes each
+    member's logits gradient chunk by chunk, from the rows the first pass kept and the logits."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: Plan, *tensors: Tensor) -> Tensor:  # noqa: D102
+        ctx.plan, ctx.count = plan, len(tensors) - 5 - len(plan.kinds)
+        ctx.save_for_backward(*tensors)
+        return tensors[0].new_zeros(1 + len(plan.kinds), ctx.count, dtype=tensors[1].dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        plan, n = ctx.plan, ctx.count
+        y, lse, scale, finite, coefficient, *rest = ctx.saved_tensors
+        pairs, logits = rest[: len(plan.kinds)], rest[-n:]
+        needed = ctx.needs_input_grad[-n:]
+        buffers = [z.new_empty(z.movedim(plan.class_dim, -1).shape) if on else None for z, on in zip(logits, needed)]
+        for buffer in buffers:
+            if buffer is not None and plan.trim:
+                buffer.narrow(1, buffer.shape[1] - plan.trim, plan.trim).zero_()
+        views = [_view(z.detach(), plan.class_dim, plan.trim) for z in logits]
+        out = [None if buffer is None else _view(buffer, -1, plan.trim) for buffer in buffers]
+        shape = views[0].shape
+        for b, p0, p1 in _chunks(shape, plan.rows):
+            rows = (shape, b, p0, p1)
+            _chunk_gradients(plan, [upcast(v[b, p0:p1]) for v in views], out, grad, rows, y, lse, scale, finite,
+                             coefficient, pairs)
+        grads = [None if buffer is None else buffer.movedim(-1, plan.class_dim) for buffer in buffers]
+        return (None, *([None] * (len(ctx.saved_tensors) - n)), *grads)
+
+
+def _chunk_gradients(
+    plan: Plan, z: list[Tensor], out: list[Tensor | None], grad: Tensor, rows: tuple[Any, int, int, int], y: Tensor,
+    lse: Tensor, scale: Tensor, finite: Tensor, coefficient: Tensor, pairs: Sequence[Tensor],
+) -> None:
+    """One chunk of every member's logits gradient, written into ``out[i][b, p0:p1]``."""
+    shape, b, p0, p1 = rows
+    lse, scale, finite = (_chunk(t, shape, b, p0, p1) for t in (lse, scale, finite))
+    probs: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
+
+    def softmax(i: int, k: int, tau: float) -> tuple[Tensor, Tensor]:  # (log p, p), p 0 on non-finite rows
+        if (i, tau) not in probs:
+            log_p = (z[i] if tau == 1 else z[i] / tau) - lse[k, i].unsqueeze(-1)
+            probs[i, tau] = log_p, log_p.exp().masked_fill_(~finite[i].unsqueeze(-1), 0.0)
+        return probs[i, tau]
+
+    target = _chunk(y, shape, b, p0, p1, plan.labels)
+    for i, buffer in enumerate(out):
+        if buffer is None:
+            continue
+        g = buffer[b, p0:p1]
+        a = grad[0, i] * scale[i]  # d(mean CE)/d(CE row)
+        own = a * target[i].sum(-1) if plan.labels else a
+        torch.mul(softmax(i, 0, 1.0)[1], own.unsqueeze(-1), out=g)
+        if plan.labels:
+            g.addcmul_(target[i], a.unsqueeze(-1), value=-1)
+        else:
+            g.scatter_add_(-1, target[i].unsqueeze(-1), -a.unsqueeze(-1))
+        for k, kind in enumerate(plan.kinds):
+            c = grad[1 + k, i] * _chunk(coefficient[i], shape, b, p0, p1)  # [N, r]: W_ij, teaches, 1/count
+            _divergence_gradient(g, i, k, kind, c, softmax, _chunk(pairs[k][:, i], shape, b, p0, p1), finite)
+
+
+Softmax = Callable[[int, int, float], tuple[Tensor, Tensor]]
+
+
+def _divergence_gradient(
+    g: Tensor, i: int, k: int, kind: tuple[float, str, float], c: Tensor, softmax: Softmax, pairs: Tensor,
+    finite: Tensor,
+) -> None:
+    """``g += sum_j c_j dD(p_i, p_j)/dz_i`` for the ``kl`` term ``k`` of ``kind`` (temperature, divergence, beta)."""
+    tau, divergence, beta = kind
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward" if beta == 0 else "reverse"
+    log_p, p = softmax(i, 1 + k, tau)
+    others = [j for j in range(len(c)) if j != i]
+    if divergence == "forward":  # tau^2 d/dz KL(t || p) = tau (p - t)
+        g.addcmul_(p, (tau * c.sum(0)).unsqueeze(-1))
+        for j in others:
+            g.addcmul_(softmax(j, 1 + k, tau)[1], (tau * c[j]).unsqueeze(-1), value=-1)
+        return
+    d = pairs[0 if divergence == "reverse" else 1]  # [N, r]: D(p_i, p_j), or KL(p_i || M) for the JSD
+    for j in others:
+        log_t = softmax(j, 1 + k, tau)[0]
+        # d/du KL(p || t) = p (log p - log t - KL);  d/du JSD = (1 - beta) p (log p - log M - KL(p || M))
+        inner = log_p - log_t if divergence == "reverse" else log_p - _log_mixture(log_p, log_t, beta)
+        factor = c[j] / tau * (1.0 if divergence == "reverse" else 1 - beta)
+        term = (p * (inner - d[j].unsqueeze(-1))).masked_fill_(~finite[j].unsqueeze(-1), 0.0)
+        g.addcmul_(term, factor.unsqueeze(-1))
+
+
+def _plan(logits: Sequence[Tensor], targets: Tensor, class_dim: int, shift: bool, chunk_rows: int | None,
+          kls: list[KL], ignore_index: int) -> tuple[Plan, tuple[int, ...], list[Tensor], Tensor, Tensor]:
+    """The plan, the positions, the logits as ``[B', P', C]`` views, the target rows and ``valid``."""
+    targets, trim = (shifted_targets(logits, targets, class_dim), 1) if shift else (targets, 0)
+    positions = tuple(s for d, s in enumerate(logits[0].shape) if d not in (0, class_dim % logits[0].dim()))
+    positions = (positions[0] - trim, *positions[1:]) if trim else positions
+    views = [_view(z.detach(), class_dim, trim) for z in logits]
+    classes = logits[0].shape[class_dim]
+    rows = chunk_rows or (views[0].shape[1] if torch.compiler.is_compiling() else max(1, CHUNK_VALUES // classes))
+    kinds = tuple((t.temperature, t.divergence, t.beta) for t in kls)
+    y, valid = _targets(targets, len(logits), logits[0].dim(), classes, ignore_index)
+    return Plan(class_dim, trim, rows, kinds, targets.is_floating_point()), positions, views, y, valid
+
+
+def chunked_losses(
+    logits: Sequence[Tensor],
+    targets: Tensor,
+    *,
+    terms: Sequence[KnowledgeTerm] = (),
+    features: Sequence[Tensor] | None = None,
+    embeddings: Sequence[Tensor] | None = None,
+    rule: str = "best",
+    granularity: str = "batch",
+    reduce_score: Callable[[Tensor], Tensor] | None = None,
+    fixed_teacher: int | None = None,
+    class_dim: int = 1,
+    ignore_index: int = -100,
+    shift_targets: bool = False,
+    chunk_rows: int | None = None,
+) -> StepLosses:
+    """:func:`~competitive.step_losses` over chunks of ``chunk_rows`` positions (None: 2**19 values per member
+    and chunk, one sample's positions under ``torch.compile``): the same values and gradients. ``kl`` terms run
+    chunk by chunk, terms on hooked outputs as in the whole step; a term that reads the logits is refused."""
+    check_rule(rule, granularity)
+    chunking(logits, chunk_rows or 1, terms)  # refuses the terms that read the logits whole
+    kls = [t for t in terms if isinstance(t, KL)]
+    plan, positions, views, y, valid = _plan(logits, targets, class_dim, shift_targets, chunk_rows, kls, ignore_index)
+    lse, ce_rows, pairs = _first_pass(views, y, valid, plan)
+    n, batch, how = len(logits), logits[0].shape[0], (rule, granularity, reduce_score, fixed_teacher, ignore_index)
+    teaches_at, teacher, weights, has, ok, labels = contest(ce_rows, y, valid, features, embeddings, batch, *how)
+    empty = ce_rows.new_zeros(n, ce_rows.shape[1], 0)  # what terms on hooked outputs read of the logits: nothing
+    outputs = StepOutputs(empty.unbind(0), empty, labels, ok, features, embeddings, valid, teaches_at, positions)
+    (per_row, per_sample), count = term_weights(weights, outputs), valid.sum(1, True, dtype=ce_rows.dtype).clamp_min(1)
+    w = per_row.expand(ce_rows.shape[1], n, n).permute(1, 2, 0)  # [i, j, R]; the weight of a KL row:
+    coefficient = w * teaches_at.unsqueeze(0) * (valid / count).unsqueeze(1)  # j may teach, i's mean
+    zero = _Gradients.apply(plan, y, lse, valid / count, torch.isfinite(ce_rows), coefficient, *pairs, *logits)
+    values = {t.name: t(outputs, per_sample) for t in terms if not isinstance(t, KL)}
+    for k, (term, pair) in enumerate(zip(kls, pairs)):
+        kl = torch.where(coefficient > 0, coefficient * pair[0], 0.0).sum(dim=(1, 2))
+        values[term.name] = kl * (term.temperature**2 if term.divergence == "forward" else 1.0) + zero[1 + k]
+    ce = ce_rows.sum(dim=1) / count.squeeze(1) + zero[0]
+    if granularity == "position" and positions:  # in the layout of the targets: [B, d1..dk]
+        teacher, weights, has = (t.view(batch, *positions, *t.shape[1:]) for t in (teacher, weights, has))
+    return StepLosses(ce, {t.name: values[t.name] for t in terms}, teacher, weights, has)
