@@ -74,10 +74,8 @@ class CompetitiveGroup:
         feature_hooks: Sequence[HookSpec] | None = None,
         embedding_hooks: Sequence[HookSpec] | None = None,
         terms: Sequence[str | Term] | None = None,
-        rule: str = "best",
-        granularity: str = "batch",
-        class_dim: int = 1,
-        ignore_index: int = -100,
+        rule: str = "best", granularity: str = "batch",
+        class_dim: int = 1, ignore_index: int = -100,
         shift_targets: bool = False,
         chunk_rows: int | None = None,
         warmup_steps: int = 150,
@@ -101,10 +99,9 @@ class CompetitiveGroup:
         self.members = Members(
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite, **layout
         )
-        self.seed = seed if seed is not None else default_seed(process_group)
+        self.seed, self.warmup_steps = (seed if seed is not None else default_seed(process_group)), warmup_steps
         self.parts = GroupParts(built, self.members, self.seed, process_group, example_input)
-        self.perturbation, self.process_group, self.warmup_steps = perturbation, process_group, warmup_steps
-        self.keep_cpu_memory = keep_cpu_memory
+        self.perturbation, self.process_group, self.keep_cpu_memory = perturbation, process_group, keep_cpu_memory
         kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, class_dim=class_dim)
         kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group), shift_targets=shift_targets)
         fns: list[Any] = [f if c is None else torch.compile(f, fullgraph=True, **c) for f in (step_losses, chunked)]
