@@ -1,9 +1,9 @@
-"""Seeded classification runs whose every number is kept in ``tests/data/classification-0.3.0.pt``.
+"""Seeded classification runs whose every number is kept in ``tests/data/classification-0.3.0*.pt``.
 
-The file was written by the 0.3.0 code (commit b2c6953) with
-``PYTHONPATH=<0.3.0 checkout> python tests/classification_reference.py tests/data/classification-0.3.0.pt``;
-``tests/test_dense.py`` runs the same configurations with today's code and asserts every tensor is
-bit for bit the same: the ``[B, C]`` case of the dense layout changes nothing.
+The files were written by the 0.3.0 code (commit b2c6953), one per kind of CPU (``-xeon``: Intel Xeon; the
+other: AMD EPYC), with ``PYTHONPATH=<0.3.0 checkout> python tests/classification_reference.py <file>``;
+``tests/test_dense.py`` runs the same configurations with today's code and asserts every tensor is bit for
+bit that of one of them: the ``[B, C]`` case of the dense layout changes nothing.
 """
 
 import sys
