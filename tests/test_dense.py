@@ -1,6 +1,7 @@
 """Predictions per position: logits ``[B, C, d1..dk]`` with targets ``[B, d1..dk]``, ``ignore_index``,
 the three granularities, and the ``[B, C]`` case unchanged bit for bit."""
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def test_classification_is_bit_for_bit_that_of_0_3_0(name):
         except AssertionError:
             continue
     # a CPU whose kernels round unlike both: the same teachers and W, and every float within float32 noise
-    _compare(ours, saved[0], lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6) if a.is_floating_point() else torch.equal(a, b))
+    close = partial(torch.allclose, rtol=1e-5, atol=1e-6)
+    _compare(ours, saved[0], lambda a, b: close(a, b) if a.is_floating_point() else torch.equal(a, b))
 
 
 class Dense(nn.Module):
