@@ -162,28 +162,26 @@ class _Gradients(torch.autograd.Function):
         y, lse, scale, finite, coefficient, *rest = ctx.saved_tensors
         pairs, logits = rest[: len(plan.kinds)], rest[-n:]
         needed = ctx.needs_input_grad[-n:]
-        buffers = [z.new_empty(z.movedim(plan.class_dim, -1).shape) if on else None for z, on in zip(logits, needed)]
-        for buffer in buffers:
-            if buffer is not None and plan.trim:
-                buffer.narrow(1, buffer.shape[1] - plan.trim, plan.trim).zero_()
+        # each chunk of every member's logits is read before it is written: the gradients take their place
         views = [_view(z.detach(), plan.class_dim, plan.trim) for z in logits]
-        out = [None if buffer is None else _view(buffer, -1, plan.trim) for buffer in buffers]
         shape = views[0].shape
         for b, p0, p1 in _chunks(shape, plan.rows):
             rows = (shape, b, p0, p1)
-            _chunk_gradients(plan, [upcast(v[b, p0:p1]) for v in views], out, grad, rows, y, lse, scale, finite,
-                             coefficient, pairs)
-        grads = [None if buffer is None else buffer.movedim(-1, plan.class_dim) for buffer in buffers]
-        return (None, *([None] * (len(ctx.saved_tensors) - n)), *grads)
+            _chunk_gradients(plan, views, needed, grad, rows, y, lse, scale, finite, coefficient, pairs)
+        grads = [z.detach() if on else None for z, on in zip(logits, needed)]
+        for g in (g.movedim(plan.class_dim, -1) for g in grads if g is not None and plan.trim):
+            g.narrow(1, g.shape[1] - plan.trim, plan.trim).zero_()  # the positions with no target
+        return (None, *([None] * (5 + len(pairs))), *grads)
 
 
 def _chunk_gradients(
-    plan: Plan, z: list[Tensor], out: list[Tensor | None], grad: Tensor, rows: tuple[Any, int, int, int], y: Tensor,
-    lse: Tensor, scale: Tensor, finite: Tensor, coefficient: Tensor, pairs: Sequence[Tensor],
+    plan: Plan, views: list[Tensor], needed: Sequence[bool], grad: Tensor, rows: tuple[Any, int, int, int],
+    y: Tensor, lse: Tensor, scale: Tensor, finite: Tensor, coefficient: Tensor, pairs: Sequence[Tensor],
 ) -> None:
-    """One chunk of every member's logits gradient, written into ``out[i][b, p0:p1]``."""
+    """One chunk of every member's logits gradient, written over its logits ``views[i][b, p0:p1]``."""
     shape, b, p0, p1 = rows
     lse, scale, finite = (_chunk(t, shape, b, p0, p1) for t in (lse, scale, finite))
+    z = [upcast(v[b, p0:p1]) for v in views]
     probs: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
 
     def softmax(i: int, k: int, tau: float) -> tuple[Tensor, Tensor]:  # (log p, p), p 0 on non-finite rows
@@ -192,14 +190,17 @@ def _chunk_gradients(
             probs[i, tau] = log_p, log_p.exp().masked_fill_(~finite[i].unsqueeze(-1), 0.0)
         return probs[i, tau]
 
+    for i in range(len(z)):  # everything read of the logits, before any is written
+        for k, tau in enumerate((1.0, *(kind[0] for kind in plan.kinds))):
+            softmax(i, k, tau)
     target = _chunk(y, shape, b, p0, p1, plan.labels)
-    for i, buffer in enumerate(out):
-        if buffer is None:
+    for i, view in enumerate(views):
+        if not needed[i]:
             continue
-        g = buffer[b, p0:p1]
+        p, into = probs[i, 1.0][1], view[b, p0:p1]
         a = grad[0, i] * scale[i]  # d(mean CE)/d(CE row)
-        own = a * target[i].sum(-1) if plan.labels else a
-        torch.mul(softmax(i, 0, 1.0)[1], own.unsqueeze(-1), out=g)
+        own = (a * target[i].sum(-1) if plan.labels else a).unsqueeze(-1)
+        g = torch.mul(p, own, out=into) if into.dtype == p.dtype else p * own
         if plan.labels:
             g.addcmul_(target[i], a.unsqueeze(-1), value=-1)
         else:
@@ -207,6 +208,8 @@ def _chunk_gradients(
         for k, kind in enumerate(plan.kinds):
             c = grad[1 + k, i] * _chunk(coefficient[i], shape, b, p0, p1)  # [N, r]: W_ij, teaches, 1/count
             _divergence_gradient(g, i, k, kind, c, softmax, _chunk(pairs[k][:, i], shape, b, p0, p1), finite)
+        if g is not into:
+            into.copy_(g)
 
 
 Softmax = Callable[[int, int, float], tuple[Tensor, Tensor]]
