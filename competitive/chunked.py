@@ -7,7 +7,6 @@ gradient chunk by chunk from them and a second read of the logits: no ``[N, rows
 besides the logits and their gradients. Plain tensor ops, so it also runs under ``torch.compile``.
 """
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .losses import KnowledgeTerm, StepLosses, StepOutputs, check_rule, contest, shifted_targets, term_weights, upcast
-from .terms.kl import KL
+from .terms.kl import KL, divergence_gradient, pair_divergences
 
 AUTO_VALUES = 2**24  # chunk_rows=None: a member's logits with more values than this are chunked
 CHUNK_VALUES = 2**19  # eager: values per member and chunk (2 MB of float32, which stays in the CPU's caches)
@@ -45,6 +44,7 @@ class Plan(NamedTuple):
     rows: int  # positions per chunk
     kinds: tuple[tuple[float, str, float], ...]  # (temperature, divergence, beta) per kl term
     labels: bool  # targets are label rows [N, R, C]
+    compile: tuple[tuple[str, Any], ...] | None = None  # torch.compile's options for the work on a chunk
 
 
 def _view(z: Tensor, class_dim: int, trim: int) -> Tensor:
@@ -71,37 +71,6 @@ def _softmax(z: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
     return u, (top + total.log()).squeeze(-1), e.div_(total)
 
 
-def _pairs(u: list[Tensor], lse: list[Tensor], p: list[Tensor], kind: tuple[float, str, float]) -> Tensor:
-    """``D(p_i, p_j)`` for every student ``i`` and teacher ``j``: ``[N, N, r]`` (0 on the diagonal), and
-    for the JSD also ``KL(p_i || M)``, stacked as ``[2, N, N, r]``."""
-    _, divergence, beta = kind
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward" if beta == 0 else "reverse"
-    n, zero = len(u), torch.zeros_like(lse[0])
-    values = [[zero] * n for _ in range(n)]
-    extra = [[zero] * n for _ in range(n)]
-    own = [torch.linalg.vecdot(p[j], u[j]) - lse[j] for j in range(n)]  # sum p log p
-    for i in range(n):
-        for j in range(n):
-            if i == j:
-                continue
-            if divergence == "forward":  # sum t_j (log t_j - log p_i)
-                values[i][j] = own[j] - torch.linalg.vecdot(p[j], u[i]) + lse[i]
-            elif divergence == "reverse":  # sum p_i (log p_i - log t_j)
-                values[i][j] = own[i] - torch.linalg.vecdot(p[i], u[j]) + lse[j]
-            else:
-                log_m = _log_mixture(u[i] - lse[i].unsqueeze(-1), u[j] - lse[j].unsqueeze(-1), beta)
-                student = own[i] - torch.linalg.vecdot(p[i], log_m)
-                values[i][j] = beta * (own[j] - torch.linalg.vecdot(p[j], log_m)) + (1 - beta) * student
-                extra[i][j] = student
-    return torch.stack([torch.stack([torch.stack(row) for row in m]) for m in (values, extra)])
-
-
-def _log_mixture(log_p: Tensor, log_t: Tensor, beta: float) -> Tensor:
-    """``log((1 - beta) p + beta t)`` (TRL's mixture), without leaving log space."""
-    return torch.logaddexp(log_p + math.log(1 - beta), log_t + math.log(beta))
-
-
 def _targets(targets: Tensor, n: int, dims: int, classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Targets as rows, ``[N, R]`` class indices (0 where ignored) or ``[N, R, C]`` label rows, and ``valid``."""
     if targets.is_floating_point():
@@ -116,27 +85,41 @@ def _targets(targets: Tensor, n: int, dims: int, classes: int, ignore_index: int
 def _first_pass(views: list[Tensor], y: Tensor, valid: Tensor, plan: Plan) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Without gradient: per row, the log-sum-exp of every member at temperature 1 and at each ``kl`` term's
     ``[(1 + K), N, R]``, the CE ``[N, R]`` (0 where ignored) and each term's pairs ``[2, N, N, R]``."""
-    shape, lse, ce = views[0].shape, [], []
-    pairs: list[list[Tensor]] = [[] for _ in plan.kinds]
+    shape, stats = views[0].shape, _compiled(_chunk_stats, plan.compile)
     with torch.no_grad():
-        for b, p0, p1 in _chunks(shape, plan.rows):
-            z = [upcast(v[b, p0:p1]) for v in views]
-            u1, lse1, p1_ = zip(*(_softmax(zi, 1.0) for zi in z))
-            target = _chunk(y, shape, b, p0, p1, plan.labels)
-            if plan.labels:
-                ce.append(torch.stack([lse1[i] * target[i].sum(-1) - torch.linalg.vecdot(target[i], z[i])
-                                       for i in range(len(z))]))
-            else:
-                ce.append(torch.stack([lse1[i] - z[i].gather(-1, target[i].unsqueeze(-1)).squeeze(-1)
-                                       for i in range(len(z))]))
-            at = [torch.stack(lse1)]
-            for k, kind in enumerate(plan.kinds):
-                u, ls, q = (u1, lse1, p1_) if kind[0] == 1 else zip(*(_softmax(zi, kind[0]) for zi in z))
-                at.append(torch.stack(ls))
-                pairs[k].append(_pairs(list(u), list(ls), list(q), kind))
-            lse.append(torch.stack(at))
-    ce_rows = torch.where(valid, torch.cat(ce, dim=-1), 0.0)
-    return torch.cat(lse, dim=-1), ce_rows, [torch.cat(p, dim=-1) for p in pairs]
+        chunks = [stats([v[b, p0:p1] for v in views], _chunk(y, shape, b, p0, p1, plan.labels), plan)
+                  for b, p0, p1 in _chunks(shape, plan.rows)]
+    lse, ce, *pairs = (torch.cat(parts, dim=-1) for parts in zip(*chunks))
+    return lse, torch.where(valid, ce, 0.0), pairs
+
+
+def _chunk_stats(views: list[Tensor], target: Tensor, plan: Plan) -> tuple[Tensor, ...]:
+    """One chunk of :func:`_first_pass`: ``lse [1 + K, N, r]``, ``ce [N, r]`` and each term's pairs."""
+    z = [upcast(v) for v in views]
+    u1, lse1, p1 = zip(*(_softmax(zi, 1.0) for zi in z))
+    if plan.labels:
+        ce = [lse1[i] * target[i].sum(-1) - torch.linalg.vecdot(target[i], z[i]) for i in range(len(z))]
+    else:
+        ce = [lse1[i] - z[i].gather(-1, target[i].unsqueeze(-1)).squeeze(-1) for i in range(len(z))]
+    lse, pairs = [torch.stack(lse1)], []
+    for kind in plan.kinds:
+        u, ls, q = (u1, lse1, p1) if kind[0] == 1 else zip(*(_softmax(zi, kind[0]) for zi in z))
+        lse.append(torch.stack(ls))
+        pairs.append(pair_divergences(list(u), list(ls), list(q), kind))
+    return torch.stack(lse), torch.stack(ce), *pairs
+
+
+_COMPILED: dict[tuple[Any, str], Any] = {}
+
+
+def _compiled(fn: Any, options: tuple[tuple[str, Any], ...] | None) -> Any:
+    """``fn`` compiled with ``torch.compile(fullgraph=True, **options)`` (once per options), or ``fn``."""
+    if options is None:
+        return fn
+    key = (fn, repr(options))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, **dict(options))
+    return _COMPILED[key]
 
 
 def _chunk(t: Tensor, shape: Sequence[int], b: int, p0: int, p1: int, classes: bool = False) -> Tensor:
@@ -165,9 +148,11 @@ class _Gradients(torch.autograd.Function):
         # each chunk of every member's logits is read before it is written: the gradients take their place
         views = [_view(z.detach(), plan.class_dim, plan.trim) for z in logits]
         shape = views[0].shape
+        step = _compiled(_chunk_gradients, plan.compile)
         for b, p0, p1 in _chunks(shape, plan.rows):
-            rows = (shape, b, p0, p1)
-            _chunk_gradients(plan, views, needed, grad, rows, y, lse, scale, finite, coefficient, pairs)
+            at = [_chunk(t, shape, b, p0, p1) for t in (lse, scale, finite, coefficient, *pairs)]
+            chunk, target = [v[b, p0:p1] for v in views], _chunk(y, shape, b, p0, p1, plan.labels)
+            step(plan, chunk, tuple(needed), grad, target, *at[:4], at[4:])
         grads = [z.detach() if on else None for z, on in zip(logits, needed)]
         for g in (g.movedim(plan.class_dim, -1) for g in grads if g is not None and plan.trim):
             g.narrow(1, g.shape[1] - plan.trim, plan.trim).zero_()  # the positions with no target
@@ -175,13 +160,12 @@ class _Gradients(torch.autograd.Function):
 
 
 def _chunk_gradients(
-    plan: Plan, views: list[Tensor], needed: Sequence[bool], grad: Tensor, rows: tuple[Any, int, int, int],
-    y: Tensor, lse: Tensor, scale: Tensor, finite: Tensor, coefficient: Tensor, pairs: Sequence[Tensor],
+    plan: Plan, chunk: list[Tensor], needed: tuple[bool, ...], grad: Tensor, target: Tensor, lse: Tensor,
+    scale: Tensor, finite: Tensor, coefficient: Tensor, pairs: list[Tensor],
 ) -> None:
-    """One chunk of every member's logits gradient, written over its logits ``views[i][b, p0:p1]``."""
-    shape, b, p0, p1 = rows
-    lse, scale, finite = (_chunk(t, shape, b, p0, p1) for t in (lse, scale, finite))
-    z = [upcast(v[b, p0:p1]) for v in views]
+    """One chunk of every member's logits gradient, written over that chunk of its logits (``chunk[i]``);
+    the per-row tensors are the chunk's rows."""
+    z = [upcast(v) for v in chunk]
     probs: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
 
     def softmax(i: int, k: int, tau: float) -> tuple[Tensor, Tensor]:  # (log p, p), p 0 on non-finite rows
@@ -193,51 +177,22 @@ def _chunk_gradients(
     for i in range(len(z)):  # everything read of the logits, before any is written
         for k, tau in enumerate((1.0, *(kind[0] for kind in plan.kinds))):
             softmax(i, k, tau)
-    target = _chunk(y, shape, b, p0, p1, plan.labels)
-    for i, view in enumerate(views):
+    for i, into in enumerate(chunk):
         if not needed[i]:
             continue
-        p, into = probs[i, 1.0][1], view[b, p0:p1]
-        a = grad[0, i] * scale[i]  # d(mean CE)/d(CE row)
+        p, a = probs[i, 1.0][1], grad[0, i] * scale[i]  # d(mean CE)/d(CE row)
         own = (a * target[i].sum(-1) if plan.labels else a).unsqueeze(-1)
-        g = torch.mul(p, own, out=into) if into.dtype == p.dtype else p * own
+        direct = into.dtype == p.dtype and not torch.compiler.is_compiling()
+        g = torch.mul(p, own, out=into) if direct else p * own
         if plan.labels:
             g.addcmul_(target[i], a.unsqueeze(-1), value=-1)
         else:
             g.scatter_add_(-1, target[i].unsqueeze(-1), -a.unsqueeze(-1))
         for k, kind in enumerate(plan.kinds):
-            c = grad[1 + k, i] * _chunk(coefficient[i], shape, b, p0, p1)  # [N, r]: W_ij, teaches, 1/count
-            _divergence_gradient(g, i, k, kind, c, softmax, _chunk(pairs[k][:, i], shape, b, p0, p1), finite)
-        if g is not into:
+            c = grad[1 + k, i] * coefficient[i]  # [N, r]: W_ij, where j may teach, 1 / i's count
+            divergence_gradient(g, i, k, kind, c, softmax, pairs[k][:, i], finite)
+        if not direct:
             into.copy_(g)
-
-
-Softmax = Callable[[int, int, float], tuple[Tensor, Tensor]]
-
-
-def _divergence_gradient(
-    g: Tensor, i: int, k: int, kind: tuple[float, str, float], c: Tensor, softmax: Softmax, pairs: Tensor,
-    finite: Tensor,
-) -> None:
-    """``g += sum_j c_j dD(p_i, p_j)/dz_i`` for the ``kl`` term ``k`` of ``kind`` (temperature, divergence, beta)."""
-    tau, divergence, beta = kind
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward" if beta == 0 else "reverse"
-    log_p, p = softmax(i, 1 + k, tau)
-    others = [j for j in range(len(c)) if j != i]
-    if divergence == "forward":  # tau^2 d/dz KL(t || p) = tau (p - t)
-        g.addcmul_(p, (tau * c.sum(0)).unsqueeze(-1))
-        for j in others:
-            g.addcmul_(softmax(j, 1 + k, tau)[1], (tau * c[j]).unsqueeze(-1), value=-1)
-        return
-    d = pairs[0 if divergence == "reverse" else 1]  # [N, r]: D(p_i, p_j), or KL(p_i || M) for the JSD
-    for j in others:
-        log_t = softmax(j, 1 + k, tau)[0]
-        # d/du KL(p || t) = p (log p - log t - KL);  d/du JSD = (1 - beta) p (log p - log M - KL(p || M))
-        inner = log_p - log_t if divergence == "reverse" else log_p - _log_mixture(log_p, log_t, beta)
-        factor = c[j] / tau * (1.0 if divergence == "reverse" else 1 - beta)
-        term = (p * (inner - d[j].unsqueeze(-1))).masked_fill_(~finite[j].unsqueeze(-1), 0.0)
-        g.addcmul_(term, factor.unsqueeze(-1))
 
 
 def _plan(logits: Sequence[Tensor], targets: Tensor, class_dim: int, shift: bool, chunk_rows: int | None,
@@ -248,7 +203,7 @@ def _plan(logits: Sequence[Tensor], targets: Tensor, class_dim: int, shift: bool
     positions = (positions[0] - trim, *positions[1:]) if trim else positions
     views = [_view(z.detach(), class_dim, trim) for z in logits]
     classes = logits[0].shape[class_dim]
-    rows = chunk_rows or (views[0].shape[1] if torch.compiler.is_compiling() else max(1, CHUNK_VALUES // classes))
+    rows = chunk_rows or max(1, CHUNK_VALUES // classes)
     kinds = tuple((t.temperature, t.divergence, t.beta) for t in kls)
     y, valid = _targets(targets, len(logits), logits[0].dim(), classes, ignore_index)
     return Plan(class_dim, trim, rows, kinds, targets.is_floating_point()), positions, views, y, valid
@@ -269,14 +224,17 @@ def chunked_losses(
     ignore_index: int = -100,
     shift_targets: bool = False,
     chunk_rows: int | None = None,
+    compile: dict[str, Any] | None = None,
 ) -> StepLosses:
     """:func:`~competitive.step_losses` over chunks of ``chunk_rows`` positions (None: 2**19 values per member
-    and chunk, one sample's positions under ``torch.compile``): the same values and gradients. ``kl`` terms run
-    chunk by chunk, terms on hooked outputs as in the whole step; a term that reads the logits is refused."""
+    and chunk): the same values and gradients. ``kl`` terms run chunk by chunk, terms on hooked outputs as in
+    the whole step; a term that reads the logits is refused. ``compile``: ``torch.compile``'s options for the
+    work on each chunk, which is compiled, not the loop over the chunks (as torchtune's chunked losses)."""
     check_rule(rule, granularity)
     chunking(logits, chunk_rows or 1, terms)  # refuses the terms that read the logits whole
     kls = [t for t in terms if isinstance(t, KL)]
     plan, positions, views, y, valid = _plan(logits, targets, class_dim, shift_targets, chunk_rows, kls, ignore_index)
+    plan = plan._replace(compile=None if compile is None else tuple(sorted(compile.items())))
     lse, ce_rows, pairs = _first_pass(views, y, valid, plan)
     n, batch, how = len(logits), logits[0].shape[0], (rule, granularity, reduce_score, fixed_teacher, ignore_index)
     teaches_at, teacher, weights, has, ok, labels = contest(ce_rows, y, valid, features, embeddings, batch, *how)

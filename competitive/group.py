@@ -104,8 +104,8 @@ class CompetitiveGroup:
         self.perturbation, self.process_group, self.keep_cpu_memory = perturbation, process_group, keep_cpu_memory
         kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, class_dim=class_dim)
         kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group), shift_targets=shift_targets)
-        fns: list[Any] = [f if c is None else torch.compile(f, fullgraph=True, **c) for f in (step_losses, chunked)]
-        self.loss_fn, self.chunked_fn = partial(fns[0], **kw), partial(fns[1], **kw, chunk_rows=chunk_rows)
+        self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
+        self.chunked_fn = partial(chunked, **kw, chunk_rows=chunk_rows, compile=c)  # compiles its work per chunk
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its

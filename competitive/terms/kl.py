@@ -2,7 +2,7 @@
 (the paper's), the reverse KL or the generalized Jensen-Shannon divergence (as TRL's ``GKDTrainer``)."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -100,6 +100,68 @@ def _pairwise_divergence(log_probs: Tensor, teaches: Tensor, weights: Tensor, di
         ]
         rows.append(torch.stack(pairs).sum(dim=0))
     return torch.stack(rows)
+
+
+# -- the same, row by row, for competitive.chunked: values from rows of statistics, gradients in place --
+
+
+def pair_divergences(u: list[Tensor], lse: list[Tensor], p: list[Tensor], kind: tuple[float, str, float]) -> Tensor:
+    """``D(p_i, p_j)`` for every student ``i`` and teacher ``j``: ``[N, N, r]`` (0 on the diagonal), and
+    for the JSD also ``KL(p_i || M)``, stacked as ``[2, N, N, r]``."""
+    _, divergence, beta = kind
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward" if beta == 0 else "reverse"
+    n, zero = len(u), torch.zeros_like(lse[0])
+    values = [[zero] * n for _ in range(n)]
+    extra = [[zero] * n for _ in range(n)]
+    own = [torch.linalg.vecdot(p[j], u[j]) - lse[j] for j in range(n)]  # sum p log p
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            if divergence == "forward":  # sum t_j (log t_j - log p_i)
+                values[i][j] = own[j] - torch.linalg.vecdot(p[j], u[i]) + lse[i]
+            elif divergence == "reverse":  # sum p_i (log p_i - log t_j)
+                values[i][j] = own[i] - torch.linalg.vecdot(p[i], u[j]) + lse[j]
+            else:
+                log_m = log_mixture(u[i] - lse[i].unsqueeze(-1), u[j] - lse[j].unsqueeze(-1), beta)
+                student = own[i] - torch.linalg.vecdot(p[i], log_m)
+                values[i][j] = beta * (own[j] - torch.linalg.vecdot(p[j], log_m)) + (1 - beta) * student
+                extra[i][j] = student
+    return torch.stack([torch.stack([torch.stack(row) for row in m]) for m in (values, extra)])
+
+
+def log_mixture(log_p: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """``log((1 - beta) p + beta t)`` (TRL's mixture), without leaving log space."""
+    return torch.logaddexp(log_p + math.log(1 - beta), log_t + math.log(beta))
+
+
+Softmax = Callable[[int, int, float], tuple[Tensor, Tensor]]
+
+
+def divergence_gradient(
+    g: Tensor, i: int, k: int, kind: tuple[float, str, float], c: Tensor, softmax: Softmax, pairs: Tensor,
+    finite: Tensor,
+) -> None:
+    """``g += sum_j c_j dD(p_i, p_j)/dz_i`` for the ``kl`` term ``k`` of ``kind`` (temperature, divergence, beta)."""
+    tau, divergence, beta = kind
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward" if beta == 0 else "reverse"
+    log_p, p = softmax(i, 1 + k, tau)
+    others = [j for j in range(len(c)) if j != i]
+    if divergence == "forward":  # tau^2 d/dz KL(t || p) = tau (p - t)
+        g.addcmul_(p, (tau * c.sum(0)).unsqueeze(-1))
+        for j in others:
+            g.addcmul_(softmax(j, 1 + k, tau)[1], (tau * c[j]).unsqueeze(-1), value=-1)
+        return
+    d = pairs[0 if divergence == "reverse" else 1]  # [N, r]: D(p_i, p_j), or KL(p_i || M) for the JSD
+    for j in others:
+        log_t = softmax(j, 1 + k, tau)[0]
+        # d/du KL(p || t) = p (log p - log t - KL);  d/du JSD = (1 - beta) p (log p - log M - KL(p || M))
+        inner = log_p - log_t if divergence == "reverse" else log_p - log_mixture(log_p, log_t, beta)
+        factor = c[j] / tau * (1.0 if divergence == "reverse" else 1 - beta)
+        term = (p * (inner - d[j].unsqueeze(-1))).masked_fill_(~finite[j].unsqueeze(-1), 0.0)
+        g.addcmul_(term, factor.unsqueeze(-1))
 
 
 DIVERGENCES = ("forward", "reverse", "jsd")
