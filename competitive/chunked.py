@@ -196,7 +196,8 @@ def _chunk_gradients(
 
 
 def _plan(logits: Sequence[Tensor], targets: Tensor, class_dim: int, shift: bool, chunk_rows: int | None,
-          kls: list[KL], ignore_index: int) -> tuple[Plan, tuple[int, ...], list[Tensor], Tensor, Tensor]:
+          kls: list[KL], ignore_index: int, compile: dict[str, Any] | None,
+          ) -> tuple[Plan, tuple[int, ...], list[Tensor], Tensor, Tensor]:
     """The plan, the positions, the logits as ``[B', P', C]`` views, the target rows and ``valid``."""
     targets, trim = (shifted_targets(logits, targets, class_dim), 1) if shift else (targets, 0)
     positions = tuple(s for d, s in enumerate(logits[0].shape) if d not in (0, class_dim % logits[0].dim()))
@@ -206,25 +207,16 @@ def _plan(logits: Sequence[Tensor], targets: Tensor, class_dim: int, shift: bool
     rows = chunk_rows or max(1, CHUNK_VALUES // classes)
     kinds = tuple((t.temperature, t.divergence, t.beta) for t in kls)
     y, valid = _targets(targets, len(logits), logits[0].dim(), classes, ignore_index)
-    return Plan(class_dim, trim, rows, kinds, targets.is_floating_point()), positions, views, y, valid
+    options = None if compile is None else tuple(sorted(compile.items()))
+    return Plan(class_dim, trim, rows, kinds, targets.is_floating_point(), options), positions, views, y, valid
 
 
 def chunked_losses(
-    logits: Sequence[Tensor],
-    targets: Tensor,
-    *,
-    terms: Sequence[KnowledgeTerm] = (),
-    features: Sequence[Tensor] | None = None,
-    embeddings: Sequence[Tensor] | None = None,
-    rule: str = "best",
-    granularity: str = "batch",
-    reduce_score: Callable[[Tensor], Tensor] | None = None,
-    fixed_teacher: int | None = None,
-    class_dim: int = 1,
-    ignore_index: int = -100,
-    shift_targets: bool = False,
-    chunk_rows: int | None = None,
-    compile: dict[str, Any] | None = None,
+    logits: Sequence[Tensor], targets: Tensor, *, terms: Sequence[KnowledgeTerm] = (),
+    features: Sequence[Tensor] | None = None, embeddings: Sequence[Tensor] | None = None, rule: str = "best",
+    granularity: str = "batch", reduce_score: Callable[[Tensor], Tensor] | None = None,
+    fixed_teacher: int | None = None, class_dim: int = 1, ignore_index: int = -100, shift_targets: bool = False,
+    chunk_rows: int | None = None, compile: dict[str, Any] | None = None,
 ) -> StepLosses:
     """:func:`~competitive.step_losses` over chunks of ``chunk_rows`` positions (None: 2**19 values per member
     and chunk): the same values and gradients. ``kl`` terms run chunk by chunk, terms on hooked outputs as in
@@ -233,8 +225,8 @@ def chunked_losses(
     check_rule(rule, granularity)
     chunking(logits, chunk_rows or 1, terms)  # refuses the terms that read the logits whole
     kls = [t for t in terms if isinstance(t, KL)]
-    plan, positions, views, y, valid = _plan(logits, targets, class_dim, shift_targets, chunk_rows, kls, ignore_index)
-    plan = plan._replace(compile=None if compile is None else tuple(sorted(compile.items())))
+    setup = (class_dim, shift_targets, chunk_rows, kls, ignore_index, compile)
+    plan, positions, views, y, valid = _plan(logits, targets, *setup)
     lse, ce_rows, pairs = _first_pass(views, y, valid, plan)
     n, batch, how = len(logits), logits[0].shape[0], (rule, granularity, reduce_score, fixed_teacher, ignore_index)
     teaches_at, teacher, weights, has, ok, labels = contest(ce_rows, y, valid, features, embeddings, batch, *how)
