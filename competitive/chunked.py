@@ -25,7 +25,7 @@ def chunking(logits: Sequence[Tensor], chunk_rows: int | None, terms: Sequence[A
     values per member and no term that reads the logits (all but ``kl`` and the terms on hooked outputs)."""
     if chunk_rows == 0:
         return False
-    whole = [t.name for t in terms if not isinstance(t, KL) and not t.needs]  # terms that read the logits
+    whole = [t.name for t in terms if not isinstance(t, KL) and getattr(t, "reads_logits", True)]
     if chunk_rows is None:
         return logits[0].numel() > AUTO_VALUES and not whole
     if whole:

@@ -208,8 +208,14 @@ class Members:
                     if not skip[i]:
                         scaler.step(optimizer) if scaler is not None else optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-        except BaseException:
+        except BaseException as error:
             self.zero_grad()
+            if "modified by an inplace operation" in str(error):  # see competitive.chunked
+                raise RuntimeError(
+                    "A member's backward reads its logits (e.g. a model that returns log_softmax), but the step math "
+                    "over chunks (chunk_rows, or None with a large vocabulary) wrote the logits' gradients over them. "
+                    "Pass chunk_rows=0 to the group, or return the logits before any such op."
+                ) from error
             raise
         if scaler is not None:
             scaler.update()

@@ -52,6 +52,7 @@ class Term(nn.Module):
     name: ClassVar[str] = ""
     needs: tuple[str, ...] = ()  # a class attribute; an instance may narrow it (CWD(on='logits'))
     per_position: ClassVar[bool] = False
+    reads_logits: bool = True  # False: reads hooked outputs only, so it runs beside the chunked step (chunk_rows)
     in_group: bool = False  # set by the group whose parts it joins: a term belongs to one group
 
     def __init__(self, weight: float = 1.0):

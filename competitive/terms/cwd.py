@@ -106,6 +106,7 @@ class CWD(Adapted):
             )
         self.on = on
         self.needs: tuple[str, ...] = ("features",) if on == "features" else ()
+        self.reads_logits = on == "logits"
 
     def build(self, shapes: dict[str, list[tuple[int, ...]]]) -> None:
         if self.on == "features":  # adapters between maps of different shapes; logits share one shape

@@ -64,6 +64,7 @@ class Adapted(Term):
     members whose shapes differ (``"i_j"``: student ``i`` to teacher ``j``, trained by ``i``)."""
 
     needs: tuple[str, ...] = ("features",)
+    reads_logits = False
 
     def __init__(self, weight: float = 1.0):
         super().__init__(weight)
