@@ -105,7 +105,7 @@ class CompetitiveGroup:
         kw: dict[str, Any] = dict(rule=rule, granularity=granularity, fixed_teacher=fixed_teacher, class_dim=class_dim)
         kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group), shift_targets=shift_targets)
         self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
-        self.chunked_fn = partial(chunked, **kw, chunk_rows=chunk_rows, compile=c)  # compiles its work per chunk
+        self.chunk_rows, self.chunked_fn = chunk_rows, partial(chunked, **kw, chunk_rows=chunk_rows, compile=c)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its
@@ -158,7 +158,7 @@ class CompetitiveGroup:
                 self.cpu_memory = keep_freed_memory()
         draw = pool.draw(self.parts.generator, len(self.members), x, y) if pool is not None else None
         inputs = self.members.forward(x, y, draw, pool, cut)
-        big, rows, terms = inputs.logits[0].numel() > AUTO_VALUES, self.chunked_fn.keywords["chunk_rows"], self.terms
+        big, rows, terms = inputs.logits[0].numel() > AUTO_VALUES, self.chunk_rows, self.terms
         fn = self.chunked_fn if rows != 0 and (rows or big) and chunking(inputs.logits, rows, terms) else self.loss_fn
         out = fn(inputs.logits, inputs.targets, terms=terms, **inputs.captured)
         ramp = self.ramp if train else 1.0
