@@ -232,9 +232,11 @@ def test_a_member_whose_backward_reads_its_logits_gets_a_clear_error():
 def test_chunk_rows_none_chunks_large_logits_unless_a_term_reads_them(monkeypatch):
     # None: chunk where a member's logits hold more than AUTO_VALUES values (2**24; here 1,000, so a batch of
     # 4 x 10 x 40 is chunked and one of 1 x 10 x 40 is not), with the whole step where a term reads the logits
+    import competitive.chunked
     import competitive.group
 
-    monkeypatch.setattr(competitive.group, "AUTO_VALUES", 1000)
+    for module in (competitive.group, competitive.chunked):
+        monkeypatch.setattr(module, "AUTO_VALUES", 1000)
     ids = torch.randint(0, 40, (4, 10))
     for terms, chunk_rows, size, chunked in [
         (["kl"], None, 4, True),
