@@ -32,6 +32,9 @@ and without ResNet ``layer3``-sized features ``[B, 64, 8, 8]``, eager and compil
 JSON to ``--out``.
 
 Part ``dense``: a torchvision segmentation pair with a teacher per pixel (see ``step_dense.py``).
+
+Part ``lm``: two GPT-2-style causal LMs at a vocabulary of 50,257, step time and peak memory against their
+own Hugging Face steps, eager and compiled, and our ``kl`` beside TRL's and torchtune's (see ``step_lm.py``).
 """
 
 import argparse
@@ -55,6 +58,7 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import build  # noqa: E402
 from step_dense import bench_dense  # noqa: E402
+from step_lm import bench_lm, peak  # noqa: E402
 
 from competitive import CompetitiveGroup, group_loss, step_losses  # noqa: E402
 from competitive.memory import keep_freed_memory  # noqa: E402
@@ -361,7 +365,7 @@ def bench_loss(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("all", "group", "loss", "overhead", "dense"), default="all")
+    p.add_argument("--part", choices=("all", "group", "loss", "overhead", "dense", "lm"), default="all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
@@ -379,6 +383,9 @@ def main():
     p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
     p.add_argument("--dense-batch", type=int, default=8, help="--part dense: maps per batch")
     p.add_argument("--dense-size", type=int, default=128, help="--part dense: height = width of the maps")
+    p.add_argument("--lm-batch", type=int, default=8, help="--part lm: sequences per batch")
+    p.add_argument("--lm-context", type=int, default=256, help="--part lm: tokens per sequence")
+    p.add_argument("--lm-peak", nargs=2, metavar=("KIND", "VARIANT"), help=argparse.SUPPRESS)  # a fresh process
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument(
         "--allocator",
@@ -395,6 +402,10 @@ def main():
         "memory from the start for every variant of the process (it is process-wide)",
     )
     args = p.parse_args()
+    if args.lm_peak:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        print(json.dumps(peak(*args.lm_peak, args)))
+        return
     wanted = dict(ALLOCATORS[args.allocator])
     if "LD_PRELOAD" in wanted:
         wanted["LD_PRELOAD"] = _preloadable(wanted["LD_PRELOAD"])
@@ -428,6 +439,8 @@ def main():
     }
     if args.part == "dense":
         out["setup"].update(dense_batch=args.dense_batch, dense_size=args.dense_size)
+    if args.part == "lm":
+        out["setup"].update(lm_batch=args.lm_batch, lm_context=args.lm_context, vocabulary=50257)
     if args.part in ("all", "group"):
         out["group"] = {}
         for name in args.groups.split(","):
@@ -458,6 +471,9 @@ def main():
             flush=True,
         )
         out["dense"] = bench_dense(args, device, _timed)
+    if args.part == "lm":
+        print(f"\ntwo GPT-2-style LMs, 2 and 4 layers x 128, batch {args.lm_batch} x {args.lm_context}", flush=True)
+        out["lm"] = bench_lm(args, device, _timed)
     args.out.mkdir(parents=True, exist_ok=True)
     memory = "" if args.keep_cpu_memory or device.type != "cpu" else "-nokeep"
     path = args.out / f"step-{device.type}-{args.part}-{malloc}{memory}.json"
