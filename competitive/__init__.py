@@ -1,5 +1,6 @@
 """Competitive Distillation (Shi et al., ICCV 2025) for any PyTorch training loop."""
 
+from .chunked import chunked_losses
 from .functional import LossTerms, competitive_loss, distillation_weights, group_loss
 from .group import CompetitiveGroup
 from .losses import StepLosses, step_losses, teacher_index
@@ -44,6 +45,7 @@ __all__ = [
     "Term",
     "TermList",
     "adm_loss",
+    "chunked_losses",
     "competitive_loss",
     "default_operations",
     "distillation_weights",
@@ -55,4 +57,4 @@ __all__ = [
     "token_operations",
 ]
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
