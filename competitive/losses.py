@@ -168,7 +168,9 @@ def step_losses(
     A member may teach a position only where its target is not ``ignore_index`` and its CE and all
     its hooked outputs are finite; the teacher is the member with the lowest :func:`competition_score`
     among those (ties: lowest index), averaged over the valid positions of the batch (``"batch"``),
-    of each sample (``"sample"``), or not at all (``"position"``). Every term reads the same ``W``.
+    of each sample (``"sample"``), or not at all (``"position"``). Every term reads the same ``W``. For
+    logits too large to hold more than once (a vocabulary), :func:`~competitive.chunked_losses` computes the
+    same over chunks of positions; the group picks it by itself (``chunk_rows``).
 
     Args:
         logits (sequence of Tensor): ``N`` tensors ``[B, C, d1..dk]`` (``k >= 0``; classes at ``class_dim``).

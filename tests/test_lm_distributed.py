@@ -29,9 +29,10 @@ def _group(models, granularity):
     from competitive import KL, CompetitiveGroup
 
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in models]
+    chunk_rows = 3 if granularity.endswith("-chunked") else 0  # the step math over chunks of 3 tokens
     return CompetitiveGroup(
-        models, optimizers, class_dim=-1, shift_targets=True, granularity=granularity, terms=[KL(divergence="jsd")],
-        warmup_steps=0, keep_cpu_memory=False,
+        models, optimizers, class_dim=-1, shift_targets=True, granularity=granularity.split("-")[0],
+        terms=[KL(divergence="jsd")], warmup_steps=0, keep_cpu_memory=False, chunk_rows=chunk_rows,
     )  # fmt: skip
 
 
@@ -63,7 +64,7 @@ def _worker(rank, world, out, wrap, granularity):
     os._exit(0)  # gloo's threads may abort at interpreter exit, after the results are saved
 
 
-@pytest.mark.parametrize("granularity", ["batch", "position"])
+@pytest.mark.parametrize("granularity", ["batch", "position", "position-chunked"])
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, wrap, granularity):
     mp.start_processes(_worker, args=(2, str(tmp_path), wrap, granularity), nprocs=2, join=True, start_method="spawn")
