@@ -4,7 +4,8 @@ model's vocabulary): :func:`chunked_losses`, the same losses and gradients as :f
 A first pass without gradient keeps per row only the log-sum-exp, the CE and each ``kl`` term's divergence
 of every pair of members; the teacher and ``W`` follow from those rows. The backward writes each member's
 gradient chunk by chunk from them and a second read of the logits: no ``[N, rows, classes]`` tensor exists
-besides the logits and their gradients. Plain tensor ops, so it also runs under ``torch.compile``.
+besides the logits, and the gradients take the logits' place. With ``compile``, the work on each chunk is
+compiled on its own (``fullgraph=True``) and the loop over the chunks is not, as in torchtune's chunked losses.
 """
 
 from collections.abc import Callable, Sequence
@@ -79,7 +80,6 @@ def _targets(targets: Tensor, n: int, dims: int, classes: int, ignore_index: int
     rows = targets.reshape(-1).expand(n, -1) if targets.dim() == dims - 1 else targets.reshape(n, -1)
     valid = rows != ignore_index
     return torch.where(valid, rows, 0), valid
-
 
 
 def _first_pass(views: list[Tensor], y: Tensor, valid: Tensor, plan: Plan) -> tuple[Tensor, Tensor, list[Tensor]]:
