@@ -251,3 +251,21 @@ def test_chunk_rows_none_chunks_large_logits_unless_a_term_reads_them(monkeypatc
         group.chunked_fn = lambda *a, fn=fn, calls=calls, **k: calls.append(1) or fn(*a, **k)
         group.step((ids[:size], ids[:size]))
         assert bool(calls) == chunked, (terms, chunk_rows, size)
+
+
+def test_loss_and_evaluate_take_the_chunked_step_too():
+    # group.loss(): one backward of the summed losses through the members' own graphs (no cut), and
+    # group.evaluate(): values only; both equal the whole step's
+    ids = torch.randint(0, 40, (4, 10), generator=torch.Generator().manual_seed(3))
+    grads, evaluated = [], []
+    for chunk_rows in (0, 4):
+        models, optimizers = _pair()
+        group = CompetitiveGroup(models, optimizers, class_dim=-1, shift_targets=True, chunk_rows=chunk_rows)
+        evaluated.append(group.evaluate((ids, ids)))
+        total, _ = group.loss((ids, ids))
+        total.backward()
+        grads.append([p.grad for m in models for p in m.parameters()])
+    torch.testing.assert_close(evaluated[1].loss, evaluated[0].loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(evaluated[1].teacher, evaluated[0].teacher)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
