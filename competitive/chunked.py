@@ -234,8 +234,9 @@ def chunked_losses(
     outputs = StepOutputs(empty.unbind(0), empty, labels, ok, features, embeddings, valid, teaches_at, positions)
     (per_row, per_sample), count = term_weights(weights, outputs), valid.sum(1, True, dtype=ce_rows.dtype).clamp_min(1)
     w = per_row.expand(ce_rows.shape[1], n, n).permute(1, 2, 0)  # [i, j, R]; the weight of a KL row:
-    coefficient = w * teaches_at.unsqueeze(0) * (valid / count).unsqueeze(1)  # j may teach, i's mean
-    zero = _Gradients.apply(plan, y, lse, valid / count, torch.isfinite(ce_rows), coefficient, *pairs, *logits)
+    share = valid / count  # a row's share of its member's mean
+    coefficient = w * teaches_at.unsqueeze(0) * share.unsqueeze(1)  # where j may teach, i's mean
+    zero = _Gradients.apply(plan, y, lse, share, torch.isfinite(ce_rows), coefficient, *pairs, *logits)
     values = {t.name: t(outputs, per_sample) for t in terms if not isinstance(t, KL)}
     for k, (term, pair) in enumerate(zip(kls, pairs)):
         kl = torch.where(coefficient > 0, coefficient * pair[0], 0.0).sum(dim=(1, 2))

@@ -68,8 +68,9 @@ def test_chunks_give_the_whole_step(n, granularity, rule, divergence, temperatur
 @pytest.mark.parametrize("class_dim", [1, -1])
 def test_chunks_with_two_kl_terms_classes_first_and_jsd_ends(beta, class_dim):
     # [B, V, T] logits (class_dim 1), no shift, two kl terms with their own settings; JSD's beta 0 and 1
+    # (the forward / reverse KL without the tau^2 factor) at a temperature
     logits, targets = _language_batch(2, class_dim=class_dim)
-    terms = [KL(divergence="jsd", beta=beta), KL(0.5, temperature=3.0)]
+    terms = [KL(divergence="jsd", beta=beta, temperature=2.0), KL(0.5, temperature=3.0)]
     terms[1].name = "kl_t3"  # two instances of one term: the second under its own name
     kw = dict(terms=terms, granularity="position", class_dim=class_dim)
     _assert_same(_run(step_losses, logits, targets, **kw), _run(chunked_losses, logits, targets, chunk_rows=3, **kw))

@@ -108,9 +108,7 @@ def _pairwise_divergence(log_probs: Tensor, teaches: Tensor, weights: Tensor, di
 def pair_divergences(u: list[Tensor], lse: list[Tensor], p: list[Tensor], kind: tuple[float, str, float]) -> Tensor:
     """``D(p_i, p_j)`` for every student ``i`` and teacher ``j``: ``[N, N, r]`` (0 on the diagonal), and
     for the JSD also ``KL(p_i || M)``, stacked as ``[2, N, N, r]``."""
-    _, divergence, beta = kind
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward" if beta == 0 else "reverse"
+    divergence, beta = resolved(kind[1], kind[2]), kind[2]
     n, zero = len(u), torch.zeros_like(lse[0])
     values = [[zero] * n for _ in range(n)]
     extra = [[zero] * n for _ in range(n)]
@@ -131,6 +129,13 @@ def pair_divergences(u: list[Tensor], lse: list[Tensor], p: list[Tensor], kind: 
     return torch.stack([torch.stack([torch.stack(row) for row in m]) for m in (values, extra)])
 
 
+def resolved(divergence: str, beta: float) -> str:
+    """What a ``kl`` term computes: TRL's JSD at ``beta`` 0 is the forward KL, at 1 the reverse KL."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward" if beta == 0 else "reverse"
+    return divergence
+
+
 def log_mixture(log_p: Tensor, log_t: Tensor, beta: float) -> Tensor:
     """``log((1 - beta) p + beta t)`` (TRL's mixture), without leaving log space."""
     return torch.logaddexp(log_p + math.log(1 - beta), log_t + math.log(beta))
@@ -144,15 +149,15 @@ def divergence_gradient(
     finite: Tensor,
 ) -> None:
     """``g += sum_j c_j dD(p_i, p_j)/dz_i`` for the ``kl`` term ``k`` of ``kind`` (temperature, divergence, beta)."""
-    tau, divergence, beta = kind
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward" if beta == 0 else "reverse"
+    tau, name, beta = kind
+    divergence = resolved(name, beta)
     log_p, p = softmax(i, 1 + k, tau)
     others = [j for j in range(len(c)) if j != i]
-    if divergence == "forward":  # tau^2 d/dz KL(t || p) = tau (p - t)
-        g.addcmul_(p, (tau * c.sum(0)).unsqueeze(-1))
+    if divergence == "forward":  # d/dz KL(t || p) = (p - t) / tau, times tau^2 for "forward" only (not the JSD's)
+        scale = tau if name == "forward" else 1 / tau
+        g.addcmul_(p, (scale * c.sum(0)).unsqueeze(-1))
         for j in others:
-            g.addcmul_(softmax(j, 1 + k, tau)[1], (tau * c[j]).unsqueeze(-1), value=-1)
+            g.addcmul_(softmax(j, 1 + k, tau)[1], (scale * c[j]).unsqueeze(-1), value=-1)
         return
     d = pairs[0 if divergence == "reverse" else 1]  # [N, r]: D(p_i, p_j), or KL(p_i || M) for the JSD
     for j in others:
