@@ -30,8 +30,8 @@ from competitive import KL, CompetitiveGroup, FeatureL2, PerturbationPool  # noq
 
 # name -> (rule, knowledge terms, perturb_prob, warmup_steps or None for the library's default);
 # DML and MCL are published without a feature loss.
-# "+F" adds the feature L2 on each model's default feature map, "+P" the perturbation pool (the
-# number after it is perturb_prob in %), "adm" the ADM-style spatial term on the same maps, "mcl"
+# "+F" adds the feature L2 on each model's default feature map, "+P" the perturbation pool at the
+# library's default p (0.1, the authors' code), "+P<n>" at p = n %, "adm" the ADM-style spatial term on the same maps, "mcl"
 # Mutual Contrastive Learning on the classifier's input (the reference recipe: no logit KL).
 SETTINGS = {
     "independent": ("independent", (), 0.0, None),
@@ -39,8 +39,10 @@ SETTINGS = {
     "competitive": ("best", ("kl",), 0.0, None),
     "competitive-w0": ("best", ("kl",), 0.0, 0),  # the paper's plain behaviour: no warm-up
     "competitive+F": ("best", ("kl", "feature"), 0.0, None),
-    "competitive+P": ("best", ("kl",), 1.0, None),
-    "competitive+F+P": ("best", ("kl", "feature"), 1.0, None),
+    "competitive+P": ("best", ("kl",), None, None),  # the library's default p (the authors': every tenth batch)
+    "competitive+F+P": ("best", ("kl", "feature"), None, None),
+    "competitive+P100": ("best", ("kl",), 1.0, None),  # every batch
+    "competitive+F+P100": ("best", ("kl", "feature"), 1.0, None),
     "competitive+P50": ("best", ("kl",), 0.5, None),
     "competitive+P25": ("best", ("kl",), 0.25, None),
     "competitive+P10": ("best", ("kl",), 0.1, None),  # the authors' code perturbs every tenth batch
@@ -66,7 +68,7 @@ PRESETS = {
         train_subset=10000,
         test_subset=5000,
         seeds="0,1,2",
-        settings="independent,mutual,competitive,competitive-w0,competitive+F,competitive+P,competitive+F+P,"
+        settings="independent,mutual,competitive,competitive-w0,competitive+F,competitive+P100,competitive+F+P100,"
         "mcl,competitive+mcl,mutual+adm,competitive+adm",
     ),
     "paper": dict(
@@ -110,6 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=None, help=f"CIFAR source (default: $CIFAR_ROOT or {default_root()})")
     p.add_argument("--cache", type=Path, default=None, help="where decoded tensors are cached")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step math (compile=True)")
+    p.add_argument("--amp", choices=("bf16",), help="members' forwards under bf16 autocast (no GradScaler needed)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>)")
     p.add_argument(
         "--merge",
@@ -182,8 +186,10 @@ def run(setting: str, seed: int, data, args) -> dict:
         **({} if warmup_steps is None else {"warmup_steps": warmup_steps}),
         feature_hooks=[hook for _, hook in built] if features else None,
         embedding_hooks=["fc"] * len(built) if "mcl" in terms else None,
-        perturbation=PerturbationPool(p=perturb_prob) if perturb_prob > 0 else None,
+        perturbation=None if perturb_prob == 0 else PerturbationPool(p=perturb_prob),
         seed=seed,
+        compile=args.compile,
+        autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None,
         example_input=data["train"][0][:2].to(device).float() if features or "mcl" in terms else None,
     )
     total = args.epochs * len(train)

@@ -18,7 +18,15 @@ from .losses import KnowledgeTerm, StepLosses, StepOutputs, check_rule, contest,
 from .terms.kl import KL, divergence_gradient, pair_divergences
 
 AUTO_VALUES = 2**24  # chunk_rows=None: a member's logits with more values than this are chunked
-CHUNK_VALUES = 2**19  # eager: values per member and chunk (2 MB of float32, which stays in the CPU's caches)
+# chunk_rows=None: values per member and chunk, by the logits' device. On a CPU 2**19 (2 MB of float32, which
+# stays in its caches); on a GPU 2**26 (256 MB of float32): a chunk's kernels must fill the device, and its
+# launches (some tens per chunk) must not outnumber the members' own (``benchmarks/step.py --part lm``)
+CHUNK_VALUES = {"cpu": 2**19, "cuda": 2**26}
+
+
+def chunk_values(device: torch.device) -> int:
+    """Values per member and chunk for ``chunk_rows=None`` on ``device`` (a GPU's for any accelerator)."""
+    return CHUNK_VALUES.get(device.type, CHUNK_VALUES["cuda"] if device.type != "cpu" else CHUNK_VALUES["cpu"])
 
 
 def chunking(logits: Sequence[Tensor], chunk_rows: int | None, terms: Sequence[Any]) -> bool:
@@ -204,7 +212,7 @@ def _plan(logits: Sequence[Tensor], targets: Tensor, class_dim: int, shift: bool
     positions = (positions[0] - trim, *positions[1:]) if trim else positions
     views = [_view(z.detach(), class_dim, trim) for z in logits]
     classes = logits[0].shape[class_dim]
-    rows = chunk_rows or max(1, CHUNK_VALUES // classes)
+    rows = chunk_rows or max(1, chunk_values(logits[0].device) // classes)
     kinds = tuple((t.temperature, t.divergence, t.beta) for t in kls)
     y, valid = _targets(targets, len(logits), logits[0].dim(), classes, ignore_index)
     options = None if compile is None else tuple(sorted(compile.items()))
@@ -218,10 +226,11 @@ def chunked_losses(
     fixed_teacher: int | None = None, class_dim: int = 1, ignore_index: int = -100, shift_targets: bool = False,
     chunk_rows: int | None = None, compile: dict[str, Any] | None = None,
 ) -> StepLosses:
-    """:func:`~competitive.step_losses` over chunks of ``chunk_rows`` positions (None: 2**19 values per member
-    and chunk): the same values and gradients. ``kl`` terms run chunk by chunk, terms on hooked outputs as in
-    the whole step; a term that reads the logits is refused. ``compile``: ``torch.compile``'s options for the
-    work on each chunk, which is compiled, not the loop over the chunks (as torchtune's chunked losses)."""
+    """:func:`~competitive.step_losses` over chunks of ``chunk_rows`` positions (None: :func:`chunk_values`,
+    2**19 values per member and chunk on a CPU, 2**26 on a GPU): the same values and gradients. ``kl`` terms
+    run chunk by chunk, terms on hooked outputs as in the whole step; a term that reads the logits is refused.
+    ``compile``: ``torch.compile``'s options for the work on each chunk, which is compiled, not the loop over
+    the chunks (as torchtune's chunked losses)."""
     check_rule(rule, granularity)
     chunking(logits, chunk_rows or 1, terms)  # refuses the terms that read the logits whole
     kls = [t for t in terms if isinstance(t, KL)]

@@ -244,18 +244,21 @@ def check_targets(y: Tensor, layout: tuple[int, Any], ignore_index: int = -100) 
             f"Invalid targets of shape {list(y.shape)}: the logits without the class dimension are "
             f"{[y.shape[0], *positions]}; please provide targets of that shape."
         )
-    valid = y != ignore_index
-    in_range = ((y >= 0) & (y < num_classes) | ~valid).all()
     if y.device.type != "cpu":  # device-side asserts: checked without waiting for the GPU
+        valid = y != ignore_index
+        in_range = ((y >= 0) & (y < num_classes) | ~valid).all()
         torch._assert_async(in_range, f"targets must lie in [0, {num_classes}) or be ignore_index={ignore_index}")
         torch._assert_async(valid.any(), f"every target of the batch is ignore_index={ignore_index}")
-    elif not in_range:
-        bad = sorted(set(y[valid & ((y < 0) | (y >= num_classes))].tolist()))[:8]
+        return
+    ids = y.numpy()  # on the CPU the host reads them where they are (NumPy: no tensor op per step)
+    valid_ids = ids != ignore_index
+    if not (((ids >= 0) & (ids < num_classes)) | ~valid_ids).all():
+        bad = sorted({int(v) for v in ids[valid_ids & ((ids < 0) | (ids >= num_classes))]})[:8]
         raise ValueError(
             f"Invalid targets: class indices must lie in [0, {num_classes}) or be ignore_index={ignore_index}; "
             f"got {bad}."
         )
-    elif not valid.any():
+    if not valid_ids.any():
         raise ValueError(
             f"Invalid targets: every position of the batch is ignore_index={ignore_index}, so no member has anything "
             "to learn or to teach. Leave such batches out."

@@ -10,7 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .rules import TABLES, _ranking_key, teacher_index, weight_table, weights_for_teacher  # noqa: F401
 
 RULES = ("best", "better", "mutual", "independent")
 GRANULARITIES = ("batch", "sample", "position")
@@ -24,58 +27,13 @@ def check_rule(rule: str, granularity: str = "batch") -> None:
         raise ValueError(f"Invalid granularity {granularity!r}. Please provide one of {GRANULARITIES}.")
 
 
-def _ranking_key(ce: Tensor) -> Tensor:
-    # a NaN or inf cross-entropy ranks last, so it can never teach
-    return torch.where(torch.isfinite(ce), ce, torch.full_like(ce, torch.inf))
-
-
-def teacher_index(ce: Tensor) -> Tensor:
-    """Index of the member with the lowest finite cross-entropy (paper Eq. 4).
-
-    ``ce`` ``[..., N]`` (``[N]``, ``[B, N]`` per sample, ``[R, N]`` per position) gives a LongTensor
-    ``ce.shape[:-1]``; ties go to the lowest index, ``-1`` where every entry is NaN or inf.
-
-    Example:
-        >>> teacher_index(torch.tensor([0.9, 0.4, torch.nan, 0.4]))
-        tensor(1)
-    """
-    key = _ranking_key(ce)
-    # the first of several minima: ties go to the lowest index (argmin's answer; a loop over the few
-    # members is several times faster than argmin over a last dim of 2-8 at a row per pixel)
-    index, lowest = torch.zeros(key.shape[:-1], dtype=torch.long, device=ce.device), key[..., 0]
-    for j in range(1, key.shape[-1]):
-        lower = key[..., j] < lowest
-        index, lowest = torch.where(lower, j, index), torch.where(lower, key[..., j], lowest)
-    return torch.where(torch.isfinite(ce).any(dim=-1), index, torch.full_like(index, -1))
-
-
-def weights_for_teacher(ce: Tensor, *, rule: str, teacher: Tensor | None) -> Tensor:
-    """:func:`distillation_weights` for a ``teacher`` already computed by :func:`teacher_index`."""
-    n = ce.shape[-1]
-    finite = torch.isfinite(ce)
-    index = torch.arange(n, device=ce.device)
-    if rule == "best":
-        if teacher is None:
-            raise ValueError("weights_for_teacher: rule='best' needs teacher=teacher_index(ce); got None.")
-        is_teacher = index == teacher.unsqueeze(-1)  # [..., N]; all False without one
-        beats = is_teacher.unsqueeze(-2) & ~is_teacher.unsqueeze(-1)
-    elif rule == "better":
-        key = _ranking_key(ce)
-        lower = key.unsqueeze(-2) < key.unsqueeze(-1)  # [..., i, j]: j's CE is below i's
-        tie = (key.unsqueeze(-2) == key.unsqueeze(-1)) & (index < index.unsqueeze(-1))
-        beats = (lower | tie) & finite.unsqueeze(-2)
-    elif rule == "mutual":
-        beats = (index != index.unsqueeze(-1)) & finite.unsqueeze(-2)
-    else:
-        beats = torch.zeros(ce.shape + (n,), dtype=torch.bool, device=ce.device)
-    weights = beats.to(ce.dtype)
-    # average over the peers a member learns from; a row with no peer stays 0
-    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
-
-
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32, also when the members run in bf16 / fp16 under autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    # decided in Python: torch.promote_types is a dispatched op, a step's worth of them adds up
+    return x if x.dtype in _WIDE else x.float()
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def per_sample(weights: Tensor, batch: int) -> Tensor:
@@ -227,6 +185,9 @@ def compete(
     check_rule(rule, granularity)
     batch = logits[0].shape[0]
     positions = tuple(s for d, s in enumerate(logits[0].shape) if d not in (0, class_dim % logits[0].dim()))
+    if granularity == "batch" and not targets.is_floating_point():
+        how = (rule, reduce_score, fixed_teacher, class_dim, ignore_index)
+        return _compete_batch(logits, targets, features, embeddings, *how, batch, positions)
     rows, targets, valid = _rows(logits, targets, class_dim, ignore_index)
     log_probs = rows.log_softmax(dim=-1)
     ce_rows = torch.where(valid, cross_entropy(log_probs, targets), 0.0)
@@ -235,6 +196,47 @@ def compete(
     outputs = StepOutputs(rows.unbind(0), log_probs, labels, ok, features, embeddings, valid, teaches_at, positions)
     ce = ce_rows.sum(dim=1) / valid.sum(dim=1).to(ce_rows.dtype).clamp_min(1.0)  # mean over valid positions
     return outputs, ce, teacher, weights, has
+
+
+def _compete_batch(
+    logits: Sequence[Tensor], targets: Tensor, features: Sequence[Tensor] | None, embeddings: Sequence[Tensor] | None,
+    rule: str, reduce_score: Callable[[Tensor], Tensor] | None, fixed_teacher: int | None, class_dim: int,
+    ignore_index: int, batch: int, positions: tuple[int, ...],
+) -> tuple["StepOutputs", Tensor, Tensor, Tensor, Tensor]:
+    """:func:`compete` for one teacher per batch and class indices, in the fewest ops the math needs (the
+    same values, bit for bit): each member's score is its mean CE, and a non-finite row makes it non-finite."""
+    n, classes, last = len(logits), logits[0].shape[class_dim], class_dim % logits[0].dim() == logits[0].dim() - 1
+    rows = torch.stack([upcast(z if last else z.movedim(class_dim, -1)) for z in logits]).view(n, -1, classes)
+    log_probs = rows.log_softmax(dim=-1)
+    labels = targets.reshape(-1) if targets.dim() == logits[0].dim() - 1 else targets.reshape(n, -1)
+    flat = labels.repeat(n) if labels.dim() == 1 else labels.reshape(-1)
+    nll = F.nll_loss(log_probs.view(-1, classes), flat, ignore_index=ignore_index, reduction="none")
+    ce_rows, valid = nll.view(n, -1), (labels != ignore_index).expand(n, -1)  # 0 where ignored
+    count, total = valid.sum(dim=1, dtype=ce_rows.dtype), ce_rows.sum(dim=1)
+    teaches_at = (ce_rows - ce_rows == 0) & valid  # a member may be a target only where finite (inf - inf: NaN)
+    score = total.detach() / count  # NaN without a valid row; not finite with a non-finite row
+    for values in (features, embeddings):
+        if values is not None:
+            finite = torch.stack([torch.isfinite(v.detach().reshape(batch, -1)).all(dim=1) for v in values])
+            teaches_at = (teaches_at.view(n, batch, -1) & finite.to(valid.device).unsqueeze(-1)).view(n, -1)
+            score = score.masked_fill(~(teaches_at | ~valid).all(dim=1), torch.nan)
+    score, has = (score if reduce_score is None else reduce_score(score)), count > 0
+    # teacher_index of [N] in four ops: the first of the lowest finite scores, -1 if none is finite
+    lowest, teacher = torch.nan_to_num(score, nan=torch.inf, posinf=torch.inf, neginf=torch.inf).min(dim=0)
+    teacher = teacher.masked_fill(lowest == torch.inf, -1)
+    if fixed_teacher is not None:  # offline KD: the fixed member teaches wherever its own outputs are finite
+        teacher = torch.where(torch.isfinite(score[fixed_teacher]), fixed_teacher, -1)
+    if rule in ("best", "independent") and not torch.compiler.is_compiling():  # W of every teacher, built once:
+        key = (rule, n, score.device, score.dtype)  # a lookup by a 1-D index: no host read
+        weights = (TABLES[key] if key in TABLES else weight_table(*key))[teacher.view(1)][0]
+    else:
+        weights = weights_for_teacher(score, rule=rule, teacher=teacher)
+    weights = weights * has.unsqueeze(-1)
+    # teaches [N, B]: all of a sample's valid positions may teach, and it has one (without positions: teaches_at)
+    own = valid.view(n, batch, -1)
+    ok = ((teaches_at | ~valid).view(n, batch, -1).all(-1) & own.any(-1)) if positions else teaches_at
+    outputs = StepOutputs(rows.unbind(0), log_probs, labels.expand(n, -1), ok, features, embeddings, valid, teaches_at)
+    return outputs._replace(positions=positions), total / count.clamp_min(1.0), teacher, weights, has.any()
 
 
 def contest(

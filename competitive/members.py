@@ -251,17 +251,17 @@ class NonfiniteWatch:
 
     def __init__(self, skip_nonfinite: bool):
         self.skip_nonfinite = skip_nonfinite
-        self.pending: list[tuple[int, Tensor, Any]] = []
+        self.pending: list[tuple[int, Any, Any]] = []  # (step, NumPy flags, event or None)
 
     def watch(self, nonfinite: Tensor, step: int) -> None:
-        if nonfinite.device.type == "cpu":
-            self.pending.append((step, nonfinite.clone(), None))
+        if nonfinite.device.type == "cpu":  # read at once, through NumPy (no tensor op per step)
+            self.pending.append((step, nonfinite.numpy().copy(), None))
         else:
             host = torch.empty(nonfinite.shape, dtype=torch.bool, pin_memory=True)
             host.copy_(nonfinite, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record()
-            self.pending.append((step, host, event))
+            self.pending.append((step, host.numpy(), event))
 
     def wait(self) -> None:
         """Block until every pending flag is on the host, then report (raises if none was finite)."""
@@ -277,12 +277,12 @@ class NonfiniteWatch:
             if flags.all():
                 self.pending.clear()
                 raise RuntimeError(
-                    f"Step {step}: the losses of all {flags.numel()} members are NaN or inf, so no member can "
+                    f"Step {step}: the losses of all {flags.size} members are NaN or inf, so no member can "
                     "teach and no member was updated. Check the inputs for NaN/inf, lower the learning rate, "
                     "or use a GradScaler with fp16."
                 )
             if flags.any():
-                members = flags.nonzero().flatten().tolist()
+                members = [int(i) for i in flags.nonzero()[0]]
                 warnings.warn(
                     f"Step {step}: the loss of members {members} is NaN or inf; they do not teach this step"
                     + (" and skip their update." if self.skip_nonfinite else "."),

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
 from torch import Tensor, nn
 
+from .mixing import CutMix, Mixing, MixUp
+
 Operation = nn.Module | Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -59,8 +61,8 @@ class ResizedCrop(nn.Module):
 def default_operations() -> dict[str, nn.Module]:
     """Every operation the paper names, at settings beyond normal augmentation (paper §3.2)."""
     return {
-        "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
-        "cutmix": K.RandomCutMixV2(cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]),
+        "mixup": MixUp(lam=(0.2, 0.8)),
+        "cutmix": CutMix(size=(0.3, 0.7)),
         "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
         "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
         "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
@@ -72,7 +74,7 @@ def default_operations() -> dict[str, nn.Module]:
 
 def kind_of(op: Operation) -> str:
     """``"mix"`` (kornia mixing: images and labels), ``"image"`` (x -> x'), ``"pair"`` ((x, y) -> (x', y'))."""
-    if isinstance(op, MixAugmentationBaseV2):
+    if isinstance(op, (MixAugmentationBaseV2, Mixing)):
         return "mix"
     if isinstance(op, (K.base._BasicAugmentationBase, K.AugmentationSequential, InUnitRange, ResizedCrop)):
         return "image"
@@ -103,7 +105,7 @@ def perturb_dense(op: Operation, kind: str, x: Tensor, y: Tensor, num_classes: i
     """``op`` on images ``x`` with dense targets ``y`` ``[B, H, W]``: ``(x', y')``, ``y'`` class indices
     ``[B, H, W]`` (``ignore`` where ignored or brought in) or label rows ``[B, C, H, W]`` (mixing)."""
     batch = torch.arange(x.shape[0], device=x.device)
-    if isinstance(op, K.RandomMixUpV2):  # the pairs and lambdas come back as the "class" rows
+    if isinstance(op, (K.RandomMixUpV2, MixUp)):  # the pairs and lambdas come back as the "class" rows
         images, params = op(x, batch)
         pairs = params.reshape(-1, 3).to(x.device)
         lam, pasted = pairs[:, 2].view(-1, 1, *[1] * (y.dim() - 1)).float(), y[pairs[:, 1].long()]
@@ -218,3 +220,14 @@ def token_operations(vocab_size: int, mask_token_id: int | None = None) -> dict[
         ops["span_mask"] = SpanMask(mask_token_id)
     ops["local_shuffle"] = LocalShuffle()
     return ops
+
+
+def draws_on(op: Operation, x: Tensor) -> None:
+    """Kornia draws an operation's parameters on the CPU unless told otherwise, and a step on a GPU then
+    waits for their copy: draw them on ``x``'s device (kornia's ``set_rng_device_and_dtype``)."""
+    if isinstance(op, ResizedCrop):
+        op.crop(x)  # its kornia module for this size, created now so that it is seen below
+    if isinstance(op, nn.Module):
+        for module in op.modules():
+            if isinstance(module, K.base._BasicAugmentationBase) and module.device != x.device:
+                module.set_rng_device_and_dtype(x.device, torch.float32)

@@ -3,8 +3,7 @@ batch per step, so a perturbation that helps its member win is distilled into th
 
 Randomness is kept apart from application, as in kornia's ``forward_parameters``: the pool draws
 *whether* a step perturbs (its ``p``), *which* member, *which* operation and a seed from the group's
-``torch.Generator``; ``perturb`` then runs deterministically from that seed on the batch's device.
-"""
+``torch.Generator``; ``perturb`` then runs deterministically from that seed on the batch's device."""
 
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
@@ -13,20 +12,21 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import real_scalar
-from .operations import (  # noqa: F401  (InUnitRange, ResizedCrop: importable from here as before)
+from .operations import (  # noqa: F401  (importable from here)
+    CutMix,
     InUnitRange,
+    MixUp,
     Operation,
     ResizedCrop,
     carries_dense_targets,
     default_operations,
+    draws_on,
     kind_of,
     perturb_dense,
     soft_labels,
 )
 
-# the authors' public code perturbs every tenth batch (train_competitive_distillation.py:
-# ``if i_batch % 10 == 0``); see README for 0.1 and 0.25 against no perturbation
-DEFAULT_P = 0.1
+DEFAULT_P = 0.1  # the authors' code perturbs every tenth batch (``if i_batch % 10 == 0``)
 
 
 class Draw(NamedTuple):
@@ -56,8 +56,8 @@ class PerturbationPool(nn.Module):
 
     Note:
         Inputs may be in any normalization: noise operations work in each image's own range
-        (:class:`InUnitRange`) and nothing is clamped. Mixing operations (kornia's
-        ``RandomMixUpV2`` / ``RandomCutMixV2``) need a batch of at least 2 and produce soft labels.
+        (:class:`InUnitRange`) and nothing is clamped. Mixing operations (:class:`MixUp`, :class:`CutMix`,
+        kornia's ``RandomMixUpV2`` / ``RandomCutMixV2``) need a batch of at least 2 and produce soft labels.
 
     Example:
         >>> pool = PerturbationPool()
@@ -179,6 +179,8 @@ class PerturbationPool(nn.Module):
             )
         if not self.can_apply(index, x):
             raise ValueError(f"Perturbation {name!r} mixes images and needs a batch of at least 2; got {x.shape[0]}.")
+        if x.device.type != "cpu":
+            draws_on(op, x)
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
             torch.manual_seed(seed)

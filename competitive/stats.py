@@ -25,6 +25,7 @@ class GroupStats(nn.Module):
     perturbed_wins: Tensor
     last_teacher: Tensor
     members: Tensor
+    switch_table: Tensor
 
     def __init__(self, n: int):
         super().__init__()
@@ -37,6 +38,12 @@ class GroupStats(nn.Module):
         self.register_buffer("perturbed_wins", torch.zeros(()))
         self.register_buffer("last_teacher", torch.full((), -1, dtype=torch.long))
         self.register_buffer("members", torch.arange(n), persistent=False)
+        # whether the batch's teacher switched from ``last`` to ``t`` (both -1..n-1), at ``t * (n + 1) + last``
+        # (negative entries count from the end, as torch.take does: every pair has its own entry)
+        teacher, last = torch.arange(-1, n).view(-1, 1), torch.arange(-1, n)
+        switched = ((teacher != last) & (teacher >= 0) & (last >= 0)).float().flatten()
+        table = torch.zeros((n + 1) ** 2).index_put_(((teacher * (n + 1) + last).flatten(),), switched)
+        self.register_buffer("switch_table", table, persistent=False)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"steps": self.steps}

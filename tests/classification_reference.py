@@ -44,6 +44,13 @@ def run(name: str, steps: int = 4) -> dict:
         kwargs["feature_hooks"] = ["2", "2", "2"]
     if "pool" in config:
         ops = default_operations()
+        if "MixUp" in {type(op).__name__ for op in ops.values()}:  # 0.7.0 and later: 0.3.0's mixing modules
+            import kornia.augmentation as K
+
+            ops["mixup"] = K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"])
+            ops["cutmix"] = K.RandomCutMixV2(
+                cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]
+            )
         kwargs["perturbation"] = PerturbationPool(ops if config["pool"] is None else [ops[k] for k in config["pool"]])
         kwargs["perturb_prob"] = config["p"]
     with warnings.catch_warnings():

@@ -41,20 +41,23 @@ def kl_term(
             kl, scale = _pairwise_divergence(log_probs, teaches, weights, divergence, beta), 1.0
         return _mean(kl, torch.ones_like(teaches) if valid is None else valid) * scale
     p = torch.where(teaches.unsqueeze(-1), log_probs.detach().exp(), 0.0)
-    w = per_sample(weights, log_probs.shape[1]).to(p.dtype)
     # sum_j W_ij KL(p_j || p_i) = sum_j W_ij sum_c p_j log p_j - sum_c q_i log p_i,
     # with q_i = sum_j W_ij p_j the (averaged) teacher distribution
-    q = torch.einsum("bij,jbc->ibc", w, p)
     neg_entropy = torch.xlogy(p, p).sum(dim=-1)  # [N, B]
-    kl = torch.einsum("bij,jb->ib", w, neg_entropy) - (q * log_probs).sum(dim=-1)
+    w = weights.to(p.dtype) if weights.dim() == 2 else per_sample(weights, log_probs.shape[1]).to(p.dtype)
+    if w.dim() == 2:  # one W for the batch: two matrix products
+        q, teachers = (w @ p.view(len(p), -1)).view(p.shape), w @ neg_entropy
+    else:
+        q, teachers = torch.einsum("bij,jbc->ibc", w, p), torch.einsum("bij,jb->ib", w, neg_entropy)
+    kl = _mean(teachers - (q * log_probs).sum(dim=-1), valid)
+    return kl if temperature == 1 else kl * temperature**2
+
+
+def _mean(values: Tensor, valid: Tensor | None) -> Tensor:
+    """``[N, R] -> [N]``: each member's mean over its valid rows (0 with none; None: every row)."""
     if valid is None:
-        return kl.mean(dim=1) * temperature**2
-    return _mean(kl, valid) * temperature**2
-
-
-def _mean(values: Tensor, valid: Tensor) -> Tensor:
-    """``[N, R] -> [N]``: each member's mean over its valid rows (0 with none)."""
-    return torch.where(valid, values, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(values.dtype)
+        return values.mean(dim=1)
+    return torch.where(valid, values, 0.0).sum(dim=1) / valid.sum(dim=1, dtype=values.dtype).clamp_min(1)
 
 
 def _pairwise(log_probs: Tensor, teaches: Tensor, weights: Tensor) -> Tensor:

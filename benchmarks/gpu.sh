@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every CUDA test and GPU benchmark in one run, then one table: bash benchmarks/gpu.sh [OUT]
+# (OUT: where logs and JSON go; default runs/gpu). Takes about 6 minutes on an H200. Without kornia
+# installed, put its wheels on PYTHONPATH first (see docs/guides/gpu.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-runs/gpu}}
+mkdir -p "$out"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+"$PY" -c "import torch; print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__)" | tee "$out/setup.txt"
+# 1. the CUDA tests (each skips on a machine without a GPU)
+"$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_overhead.py tests/test_compile.py \
+  tests/test_amp.py tests/test_faults.py tests/test_perturbation.py 2>&1 | tail -25 | tee "$out/tests.txt"
+# host syncs of each operation of the default pool, after its first call
+"$PY" - <<'PY' 2>&1 | tee "$out/syncs.txt"
+import warnings
+import torch
+from competitive import PerturbationPool
+pool, x, y = PerturbationPool(p=1.0), torch.randn(128, 3, 32, 32, device="cuda"), torch.randint(0, 10, (128,), device="cuda")
+for i, name in enumerate(pool.names):
+    pool.perturb(i, x, y, seed=0, num_classes=10)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pool.perturb(i, x, y, seed=1, num_classes=10)
+    torch.cuda.set_sync_debug_mode("default")
+    print("syncs", name, sum("synchroniz" in str(w.message) for w in caught))
+PY
+# 2. the group against its members' own steps (fp32), the perturbation pool, a language-model pair
+"$PY" benchmarks/step.py --part group --device cuda --groups "2 x resnet32" --warmup 10 --steps 40 \
+  --out "$out" 2>&1 | tee "$out/step-group.txt" | tail -30
+"$PY" benchmarks/perturb.py --device cuda --warmup 5 --steps 30 --out "$out" 2>&1 | tee "$out/perturb.txt" | tail -20
+"$PY" benchmarks/step.py --part lm --device cuda --lm-context 1024 --warmup 3 --steps 10 --out "$out" 2>&1 \
+  | tee "$out/step-lm.txt" | tail -30
+# 3. one table from what was written
+"$PY" - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print("\n| what (GPU) | variant | median | ratio |\n|---|---|---|---|")
+for path in sorted(out.glob("*.json")):
+    data = json.loads(path.read_text())
+    for group, variants in (data.get("group") or {}).items():
+        for name, v in variants.items():
+            if isinstance(v, dict) and "median_ms" in v:
+                print(f"| {group} | {name} | {v['median_ms']:.2f} ms | {v.get('ratio', 1):.3f} x |")
+    for name, v in ((data.get("lm") or {}).get("steps") or {}).items():
+        print(f"| lm step | {name} | {v['median_s'] * 1e3:.1f} ms | {v['ratio']:.3f} x |")
+    for name, v in (data.get("rows") or {}).items():
+        print(f"| perturb (/ ResNet-20 step) | {name} | {v['median_ms']:.2f} ms | {v['ratio']:.3f} x |")
+for line in (out / "syncs.txt").read_text().splitlines():
+    print(f"| host syncs (sync debug mode) | {line.split()[1]} | {line.split()[2]} | |")
+PY
