@@ -28,12 +28,10 @@ for i, name in enumerate(pool.names):
     torch.cuda.set_sync_debug_mode("default")
     print("syncs", name, sum("synchroniz" in str(w.message) for w in caught))
 PY
-# 2. the group against its members' own steps (fp32), the perturbation pool, a language-model pair
+# 2. the group against its members' own steps (fp32), and the perturbation pool
 "$PY" benchmarks/step.py --part group --device cuda --groups "2 x resnet32" --warmup 10 --steps 40 \
   --out "$out" 2>&1 | tee "$out/step-group.txt" | tail -30
 "$PY" benchmarks/perturb.py --device cuda --warmup 5 --steps 30 --out "$out" 2>&1 | tee "$out/perturb.txt" | tail -20
-"$PY" benchmarks/step.py --part lm --device cuda --lm-context 1024 --warmup 3 --steps 10 --out "$out" 2>&1 \
-  | tee "$out/step-lm.txt" | tail -30
 # 3. one table from what was written
 "$PY" - "$out" <<'PY'
 import json, sys
@@ -51,5 +49,6 @@ for path in sorted(out.glob("*.json")):
     for name, v in (data.get("rows") or {}).items():
         print(f"| perturb (/ ResNet-20 step) | {name} | {v['median_ms']:.2f} ms | {v['ratio']:.3f} x |")
 for line in (out / "syncs.txt").read_text().splitlines():
-    print(f"| host syncs (sync debug mode) | {line.split()[1]} | {line.split()[2]} | |")
+    if line.startswith("syncs "):
+        print(f"| host syncs (sync debug mode) | {line.split()[1]} | {line.split()[2]} | |")
 PY

@@ -31,8 +31,8 @@ from competitive import KL, CompetitiveGroup, FeatureL2, PerturbationPool  # noq
 # name -> (rule, knowledge terms, perturb_prob, warmup_steps or None for the library's default);
 # DML and MCL are published without a feature loss.
 # "+F" adds the feature L2 on each model's default feature map, "+P" the perturbation pool at the
-# library's default p (0.1, the authors' code), "+P<n>" at p = n %, "adm" the ADM-style spatial term on the same maps, "mcl"
-# Mutual Contrastive Learning on the classifier's input (the reference recipe: no logit KL).
+# library's default p (0.1, the authors' code), "+P<n>" at p = n %, "adm" the ADM-style spatial term
+# on the same maps, "mcl" Mutual Contrastive Learning on the classifier's input (the reference recipe: no logit KL).
 SETTINGS = {
     "independent": ("independent", (), 0.0, None),
     "mutual": ("mutual", ("kl",), 0.0, None),
