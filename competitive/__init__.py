@@ -3,12 +3,13 @@
 from .chunked import chunked_losses
 from .functional import LossTerms, competitive_loss, distillation_weights, group_loss
 from .group import CompetitiveGroup
-from .losses import StepLosses, step_losses, teacher_index
+from .losses import StepLosses, step_losses
 from .members import Members
 from .operations import default_operations, token_operations
 from .parts import GroupParts, TermList
 from .perturbation import PerturbationPool
 from .result import StepResult
+from .rules import teacher_index
 from .terms import (
     ADM,
     CWD,

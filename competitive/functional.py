@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .losses import check_rule, compete, cross_entropy, teacher_index, upcast, weights_for_teacher
+from .losses import check_rule, compete, cross_entropy, upcast
+from .rules import teacher_index, weights_for_teacher
 from .terms.feature import feature_term
 from .terms.kl import kl_term
 

@@ -186,8 +186,8 @@ def compete(
     batch = logits[0].shape[0]
     positions = tuple(s for d, s in enumerate(logits[0].shape) if d not in (0, class_dim % logits[0].dim()))
     if granularity == "batch" and not targets.is_floating_point():
-        how = (rule, reduce_score, fixed_teacher, class_dim, ignore_index)
-        return _compete_batch(logits, targets, features, embeddings, *how, batch, positions)
+        return _compete_batch(logits, targets, features, embeddings, rule, reduce_score, fixed_teacher, class_dim,
+                              ignore_index, batch, positions)
     rows, targets, valid = _rows(logits, targets, class_dim, ignore_index)
     log_probs = rows.log_softmax(dim=-1)
     ce_rows = torch.where(valid, cross_entropy(log_probs, targets), 0.0)

@@ -12,10 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import real_scalar
+from .mixing import CutMix, MixUp  # noqa: F401  (importable from here)
 from .operations import (  # noqa: F401  (importable from here)
-    CutMix,
     InUnitRange,
-    MixUp,
     Operation,
     ResizedCrop,
     carries_dense_targets,
