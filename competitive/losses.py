@@ -30,7 +30,7 @@ def check_rule(rule: str, granularity: str = "batch") -> None:
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32, also when the members run in bf16 / fp16 under autocast."""
     # decided in Python: torch.promote_types is a dispatched op, a step's worth of them adds up
-    return x if x.dtype in _WIDE else x.float()
+    return x if x.dtype in _WIDE else x.to(torch.float32)  # a cast on the device, no host read
 
 
 _WIDE = (torch.float32, torch.float64)
