@@ -1,9 +1,9 @@
-"""The operations of a :class:`~competitive.PerturbationPool` (paper §3.2) and how each moves the
-targets: class indices ``[B]`` (mixing gives label rows ``[B, C]``) or dense targets ``[B, d1, d2]``
-(segmentation maps), where geometric operations warp the targets with the image through kornia's
-``AugmentationSequential(..., data_keys=["input", "mask"])`` (nearest neighbour; pixels the warp brings
-in are ignored), mixing gives label rows per position ``[B, C, d1, d2]`` (a row of zeros where a pixel
-is ignored) and photometric operations leave the targets as they are.
+"""The operations of a :class:`~competitive.PerturbationPool` (paper §3.2) and how each moves the targets: class
+indices ``[B]`` (mixing gives label rows ``[B, C]``) or dense targets ``[B, d1, d2]`` (segmentation maps),
+where geometric operations warp the targets with the image: a :class:`Warp` through its own grid, a kornia
+module through ``AugmentationSequential(..., data_keys=["input", "mask"])`` (nearest neighbour either way;
+pixels the warp brings in are ignored), mixing gives label rows per position ``[B, C, d1, d2]`` (a row of
+zeros where a pixel is ignored) and photometric operations leave the targets as they are.
 """
 
 from collections.abc import Callable
@@ -16,6 +16,7 @@ from kornia.augmentation._2d.mix.base import MixAugmentationBaseV2
 from torch import Tensor, nn
 
 from .mixing import CutMix, Mixing, MixUp
+from .warps import Affine, ResizedCrop, SaltAndPepper, ThinPlateSpline, Warp, sample
 
 Operation = nn.Module | Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -38,36 +39,17 @@ class InUnitRange(nn.Module):
         return low + span * perturbed
 
 
-class ResizedCrop(nn.Module):
-    """Kornia's ``RandomResizedCrop`` at the input's own size, with area scale ``scale``."""
-
-    def __init__(self, scale: tuple[float, float] = (0.3, 0.7)):
-        super().__init__()
-        self.scale = scale
-        self.crops = nn.ModuleDict()
-
-    def forward(self, x: Tensor) -> Tensor:
-        cropped: Tensor = self.crop(x)(x)
-        return cropped
-
-    def crop(self, x: Tensor) -> nn.Module:
-        """The crop for inputs of ``x``'s size (one kornia module per size)."""
-        key = "x".join(map(str, x.shape[-2:]))
-        if key not in self.crops:
-            self.crops[key] = K.RandomResizedCrop(tuple(x.shape[-2:]), scale=self.scale, p=1.0)
-        return self.crops[key]
-
-
 def default_operations() -> dict[str, nn.Module]:
-    """Every operation the paper names, at settings beyond normal augmentation (paper §3.2)."""
+    """Every operation the paper names, at settings beyond normal augmentation (paper §3.2). All but
+    the two kornia modules (noise, elastic; both draw on the batch's device) are the library's own."""
     return {
         "mixup": MixUp(lam=(0.2, 0.8)),
         "cutmix": CutMix(size=(0.3, 0.7)),
         "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
-        "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
+        "salt_and_pepper": InUnitRange(SaltAndPepper(amount=(0.05, 0.15))),
         "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
-        "thin_plate_spline": K.RandomThinPlateSpline(scale=0.3, p=1.0),
-        "affine": K.RandomAffine(degrees=45.0, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20.0, p=1.0),
+        "thin_plate_spline": ThinPlateSpline(scale=0.3),
+        "affine": Affine(degrees=45.0, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20.0),
         "resized_crop": ResizedCrop(scale=(0.3, 0.7)),
     }
 
@@ -76,7 +58,7 @@ def kind_of(op: Operation) -> str:
     """``"mix"`` (kornia mixing: images and labels), ``"image"`` (x -> x'), ``"pair"`` ((x, y) -> (x', y'))."""
     if isinstance(op, (MixAugmentationBaseV2, Mixing)):
         return "mix"
-    if isinstance(op, (K.base._BasicAugmentationBase, K.AugmentationSequential, InUnitRange, ResizedCrop)):
+    if isinstance(op, (K.base._BasicAugmentationBase, K.AugmentationSequential, InUnitRange, Warp, SaltAndPepper)):
         return "image"
     return "pair"
 
@@ -95,7 +77,7 @@ def soft_labels(y: Tensor, params: Tensor, num_classes: int) -> Tensor:
 def carries_dense_targets(op: Operation) -> bool:
     """Whether the pool can move dense targets with ``op``: mixing and photometric operations always,
     a geometric kornia module where kornia can warp masks with it (not ``RandomThinPlateSpline``)."""
-    if isinstance(op, (InUnitRange, ResizedCrop, K.IntensityAugmentationBase2D)) or kind_of(op) != "image":
+    if isinstance(op, (InUnitRange, Warp, SaltAndPepper, K.IntensityAugmentationBase2D)) or kind_of(op) != "image":
         return True
     base = K.base._AugmentationBase.apply_transform_mask
     return not isinstance(op, K.base._AugmentationBase) or type(op).apply_transform_mask is not base
@@ -126,9 +108,12 @@ def perturb_dense(op: Operation, kind: str, x: Tensor, y: Tensor, num_classes: i
     inner = op.op if isinstance(op, InUnitRange) else op
     if isinstance(inner, K.IntensityAugmentationBase2D):
         return cast(nn.Module, op)(x), y
-    module = op.crop(x) if isinstance(op, ResizedCrop) else cast(nn.Module, op)
     mask = torch.where(y == ignore, 0, y + 1).unsqueeze(1).to(x.dtype)  # 0: ignored, and what a warp pads
-    images, warped = K.AugmentationSequential(cast(Any, module), data_keys=["input", "mask"])(x, mask)
+    if isinstance(op, Warp):
+        grid = op.grid(x)
+        images, warped = sample(x, grid), sample(mask, grid, mode="nearest")
+    else:
+        images, warped = K.AugmentationSequential(cast(Any, op), data_keys=["input", "mask"])(x, mask)
     warped = warped.squeeze(1).round().long() - 1
     return images, torch.where(warped < 0, ignore, warped)
 
@@ -225,8 +210,6 @@ def token_operations(vocab_size: int, mask_token_id: int | None = None) -> dict[
 def draws_on(op: Operation, x: Tensor) -> None:
     """Kornia draws an operation's parameters on the CPU unless told otherwise, and a step on a GPU then
     waits for their copy: draw them on ``x``'s device (kornia's ``set_rng_device_and_dtype``)."""
-    if isinstance(op, ResizedCrop):
-        op.crop(x)  # its kornia module for this size, created now so that it is seen below
     if isinstance(op, nn.Module):
         for module in op.modules():
             if isinstance(module, K.base._BasicAugmentationBase) and module.device != x.device:

@@ -30,9 +30,30 @@ def _net(width: int) -> nn.Module:
     )  # fmt: skip
 
 
+def _operations_0_3_0() -> dict:
+    """The default pool of 0.3.0 (kornia's modules; later versions draw on the batch's device with their own)."""
+    import kornia.augmentation as K
+
+    from competitive.operations import InUnitRange
+
+    class ResizedCrop(K.RandomResizedCrop):  # 0.3.0's: kornia's at the input's own size
+        def __init__(self, scale):
+            super().__init__((8, 8), scale=scale, p=1.0)
+
+    return {
+        "mixup": K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"]),
+        "cutmix": K.RandomCutMixV2(cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]),
+        "gaussian_noise": InUnitRange(K.RandomGaussianNoise(std=0.2, p=1.0)),
+        "salt_and_pepper": InUnitRange(K.RandomSaltAndPepperNoise(amount=(0.05, 0.15), p=1.0)),
+        "elastic": K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(2.0, 2.0), p=1.0),
+        "thin_plate_spline": K.RandomThinPlateSpline(scale=0.3, p=1.0),
+        "affine": K.RandomAffine(degrees=45.0, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20.0, p=1.0),
+        "resized_crop": ResizedCrop(scale=(0.3, 0.7)),
+    }
+
+
 def run(name: str, steps: int = 4) -> dict:
     from competitive import CompetitiveGroup, PerturbationPool
-    from competitive.perturbation import default_operations
 
     config = dict(CONFIGS[name])
     torch.manual_seed(0)
@@ -43,14 +64,7 @@ def run(name: str, steps: int = 4) -> dict:
     if config.get("hooks"):
         kwargs["feature_hooks"] = ["2", "2", "2"]
     if "pool" in config:
-        ops = default_operations()
-        if "MixUp" in {type(op).__name__ for op in ops.values()}:  # 0.7.0 and later: 0.3.0's mixing modules
-            import kornia.augmentation as K
-
-            ops["mixup"] = K.RandomMixUpV2(lambda_val=(0.2, 0.8), p=1.0, data_keys=["input", "class"])
-            ops["cutmix"] = K.RandomCutMixV2(
-                cut_size=(0.3, 0.7), p=1.0, use_correct_lambda=True, data_keys=["input", "class"]
-            )
+        ops = _operations_0_3_0()
         kwargs["perturbation"] = PerturbationPool(ops if config["pool"] is None else [ops[k] for k in config["pool"]])
         kwargs["perturb_prob"] = config["p"]
     with warnings.catch_warnings():

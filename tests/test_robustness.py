@@ -268,12 +268,18 @@ def test_a_kornia_mixing_module_with_the_wrong_data_keys_names_it():
         group.step(_batch())
 
 
-def test_images_the_default_pool_cannot_handle_are_refused_at_the_first_step():
+def test_images_a_pool_cannot_handle_are_refused_at_the_first_step():
     models = [nn.Sequential(nn.Conv2d(5, 4, 3), nn.Flatten(), nn.LazyLinear(5)) for _ in range(2)]
     for m in models:
         m(torch.randn(1, 5, 6, 6))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
-    group = CompetitiveGroup(models, optimizers, perturbation=PerturbationPool(p=0.0), seed=0)
+    import kornia.augmentation as K
+
+    from competitive.perturbation import default_operations
+
+    # kornia's salt and pepper takes 1 or 3 channels (the default pool's own takes any number)
+    ops = dict(default_operations(), kornia=K.RandomSaltAndPepperNoise(p=1.0))
+    group = CompetitiveGroup(models, optimizers, perturbation=PerturbationPool(ops, p=0.0), seed=0)
     with pytest.raises(ValueError, match=r"Perturbation '\w+' cannot handle inputs of shape \[5, 6, 6\]"):
         group.step((torch.randn(4, 5, 6, 6), torch.zeros(4, dtype=torch.long)))
     assert group.steps == 0
