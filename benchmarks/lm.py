@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("runs/lm"))
     p.add_argument("--merge", type=Path, nargs="+", help="train nothing: merge results.json files, then report")
     args = p.parse_args(argv)
@@ -73,14 +74,14 @@ def split(args):
     return data[:cut], data[cut:]
 
 
-def windows(data, starts, context):
-    return torch.stack([data[s : s + context] for s in starts.tolist()])
+def windows(data, starts, context, device="cpu"):
+    return torch.stack([data[s : s + context] for s in starts.tolist()]).to(device)
 
 
 def run(setting: str, seed: int, train, val, args) -> dict:
     rule, granularity, divergence = SETTINGS[setting]
     torch.manual_seed(seed)
-    nets = members(width=args.width, layers=args.layers, context=args.context)
+    nets = [n.to(args.device) for n in members(width=args.width, layers=args.layers, context=args.context)]
     optimizers = [torch.optim.AdamW(n.parameters(), lr=args.lr) for n in nets]
     schedulers = [
         torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
@@ -96,7 +97,8 @@ def run(setting: str, seed: int, train, val, args) -> dict:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         ids = windows(
-            train, torch.randint(0, len(train) - args.context, (args.batch,), generator=batches), args.context
+            train, torch.randint(0, len(train) - args.context, (args.batch,), generator=batches), args.context,
+            args.device,
         )
         result = group.step((ids, ids))
         for scheduler in schedulers:
@@ -109,7 +111,7 @@ def run(setting: str, seed: int, train, val, args) -> dict:
             group.eval()
             losses = []
             for chunk in val_starts.split(32):
-                ids = windows(val, chunk, args.context)
+                ids = windows(val, chunk, args.context, args.device)
                 losses.append(group.evaluate((ids, ids)).ce * len(chunk))
             group.train()
             history["step"].append(step)

@@ -1,7 +1,15 @@
 """Tiny synthetic data and two small networks of different architectures, shared by the examples."""
 
+import argparse
+
 import torch
 from torch import nn
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the members train (default: CUDA when available, else the CPU)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device of the members and batches (default: cuda when available)")
 
 
 def synthetic_cifar(n: int = 256, classes: int = 10, seed: int = 0) -> torch.utils.data.TensorDataset:

@@ -23,14 +23,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SmallCNN, SmallMLP, synthetic_cifar  # noqa: E402
+from _common import SmallCNN, SmallMLP, add_device, synthetic_cifar  # noqa: E402
 
 from competitive import CompetitiveGroup, PerturbationPool  # noqa: E402
 
 
-def build(accumulation: int):
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision="bf16" if bf16 else "no")
+def build(accumulation: int, device: str = "cpu"):
+    cpu = torch.device(device).type == "cpu"  # Accelerate picks the GPU itself; cpu=True keeps it off
+    bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accumulation, mixed_precision="bf16" if bf16 else "no", cpu=cpu
+    )
     set_seed(0)
     members = [SmallCNN(), SmallMLP()]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in members]
@@ -71,18 +74,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few batches of tiny synthetic data")
     p.add_argument("--accumulation", type=int, default=2)
+    add_device(p)
     args = p.parse_args(argv)
     batches = 4 if args.smoke else 8
     folder = Path(tempfile.mkdtemp(prefix="competitive-accelerate-"))
 
-    accelerator, group, loader = build(args.accumulation)
+    accelerator, group, loader = build(args.accumulation, args.device)
     before = [p.detach().clone() for m in group.models for p in m.parameters()]
     train(accelerator, group, loader, batches)
     accelerator.save_state(folder)
     train(accelerator, group, loader, batches, skip=batches)
     straight = [p.detach().clone() for m in group.models for p in m.parameters()]
 
-    accelerator, resumed, loader = build(args.accumulation)
+    accelerator, resumed, loader = build(args.accumulation, args.device)
     accelerator.load_state(folder)
     logs = train(accelerator, resumed, loader, batches, skip=batches)
     after = [p.detach() for m in resumed.models for p in m.parameters()]

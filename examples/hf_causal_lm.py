@@ -50,12 +50,14 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device of the members and batches (default: cuda when available)")
     args = p.parse_args(argv)
     steps, context, batch = (3, 32, 4) if args.smoke else (args.steps, args.context, args.batch)
     text = (__doc__ or "").encode() if args.smoke else find_text(args.data).read_bytes()
     data = torch.tensor(list(text), dtype=torch.long)
     torch.manual_seed(0)
-    nets = members(width=32 if args.smoke else 128, context=context)
+    nets = [n.to(args.device) for n in members(width=32 if args.smoke else 128, context=context)]
     optimizers = [torch.optim.AdamW(n.parameters(), lr=1e-3) for n in nets]
     group = CompetitiveGroup(
         nets, optimizers, class_dim=-1, shift_targets=True, granularity="position", terms=[KL(divergence="jsd")],
@@ -65,7 +67,7 @@ def main(argv=None) -> dict:
     log = []
     for step in range(steps):
         start = torch.randint(0, len(data) - context, (batch,), generator=generator)
-        ids = torch.stack([data[s : s + context] for s in start.tolist()])
+        ids = torch.stack([data[s : s + context] for s in start.tolist()]).to(args.device)
         result = group.step((ids, ids))  # labels = the ids; the group shifts them
         log.append(result.scalars())
         if step % 20 == 0 or step == steps - 1:

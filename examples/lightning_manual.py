@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SmallCNN, SmallMLP, synthetic_cifar  # noqa: E402
+from _common import SmallCNN, SmallMLP, add_device, synthetic_cifar  # noqa: E402
 
 from competitive import CompetitiveGroup, PerturbationPool  # noqa: E402
 
@@ -79,11 +79,12 @@ def _same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def _trainer(root: Path, epochs: int) -> L.Trainer:
+def _trainer(root: Path, epochs: int, device: str = "cpu") -> L.Trainer:
     return L.Trainer(
         default_root_dir=root,
         max_epochs=epochs,
-        accelerator="cpu",
+        accelerator="cpu" if torch.device(device).type == "cpu" else "gpu",
+        devices=1,
         logger=L.pytorch.loggers.CSVLogger(root),
         log_every_n_steps=1,
         enable_checkpointing=False,
@@ -96,6 +97,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few batches of tiny synthetic data")
     p.add_argument("--batches", type=int, default=None, help="batches per epoch (the run is two epochs)")
+    add_device(p)
     args = p.parse_args(argv)
     batches = args.batches or (3 if args.smoke else 50)
     # one epoch per half, no shuffle: the resumed run sees exactly the batches the straight one does
@@ -104,17 +106,17 @@ def main(argv=None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="competitive-lightning-"))
     L.seed_everything(0, verbose=False)
     straight = CompetitiveModule()
-    _trainer(root / "straight", epochs=2).fit(straight, loader)
+    _trainer(root / "straight", epochs=2, device=args.device).fit(straight, loader)
 
     L.seed_everything(0, verbose=False)
     first = CompetitiveModule()
-    trainer = _trainer(root / "first", epochs=1)
+    trainer = _trainer(root / "first", epochs=1, device=args.device)
     trainer.fit(first, loader)
     assert trainer.global_step == n * batches  # N optimizer steps per batch: max_steps counts these
     checkpoint = root / "half.ckpt"
     trainer.save_checkpoint(checkpoint)
     resumed = CompetitiveModule()
-    trainer = _trainer(root / "resumed", epochs=2)
+    trainer = _trainer(root / "resumed", epochs=2, device=args.device)
     trainer.fit(resumed, loader, ckpt_path=checkpoint)
 
     same = _same(straight.state_dict(), resumed.state_dict())

@@ -20,7 +20,7 @@ import torch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import synthetic_segmentation  # noqa: E402
+from _common import add_device, synthetic_segmentation  # noqa: E402
 
 from competitive import CWD, KL, CompetitiveGroup, PerturbationPool  # noqa: E402
 
@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="two steps on tiny synthetic maps")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--size", type=int, default=128)
+    add_device(p)
     args = p.parse_args(argv)
     steps, size = (2, 64) if args.smoke else (args.steps, args.size)
     torch.manual_seed(0)
@@ -37,6 +38,7 @@ def main(argv=None) -> dict:
         lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21),
         deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21),
     ]
+    nets = [n.to(args.device) for n in nets]
     optimizers = [torch.optim.AdamW(n.parameters(), lr=1e-3) for n in nets]
     data = synthetic_segmentation(4 * steps, size=size)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
@@ -46,6 +48,7 @@ def main(argv=None) -> dict:
         terms=[KL(), CWD(5.0, on="logits")], perturbation=PerturbationPool(p=0.5), warmup_steps=0,
     )  # fmt: skip
     for x, y in loader:
+        x, y = x.to(args.device), y.to(args.device)
         result = group.step((x, y))
         logged = result.scalars()
         print(

@@ -15,7 +15,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import synthetic_cifar  # noqa: E402
+from _common import add_device, synthetic_cifar  # noqa: E402
 
 from competitive import CompetitiveGroup  # noqa: E402
 
@@ -23,21 +23,23 @@ from competitive import CompetitiveGroup  # noqa: E402
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few batches of tiny synthetic data")
+    add_device(p)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     nets = [
-        timm.create_model("resnet18", pretrained=False, num_classes=10),
-        timm.create_model("convnext_atto", pretrained=False, num_classes=10),
+        timm.create_model("resnet18", pretrained=False, num_classes=10).to(args.device),
+        timm.create_model("convnext_atto", pretrained=False, num_classes=10).to(args.device),
     ]
     optimizers = [torch.optim.AdamW(n.parameters(), lr=1e-3) for n in nets]
     loader = torch.utils.data.DataLoader(synthetic_cifar(64 if args.smoke else 2048), batch_size=16, shuffle=True)
 
     group = CompetitiveGroup(
-        nets, optimizers, feature_hooks=["layer3", "stages.2"], example_input=torch.randn(2, 3, 32, 32), seed=0
+        nets, optimizers, feature_hooks=["layer3", "stages.2"], seed=0,
+        example_input=torch.randn(2, 3, 32, 32, device=args.device),
     )
     before = [p.detach().clone() for n in nets for p in n.parameters()]
     for x, y in loader:
-        result = group.step((x, y))
+        result = group.step((x.to(args.device), y.to(args.device)))
     # every weight (kernel or matrix, dim > 1) has a gradient; a bias whose gradient is zero in exact
     # arithmetic moves or not with the CPU's rounding, so only the weights are counted
     pairs = [(a, b.detach()) for a, b in zip(before, (p for n in nets for p in n.parameters())) if a.dim() > 1]

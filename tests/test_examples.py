@@ -70,3 +70,24 @@ def test_hf_causal_lm_trains_two_families_token_by_token():
     assert all(v == v for entry in log for v in entry.values())  # no NaN
     assert log[-1]["teacher_share/0"] + log[-1]["teacher_share/1"] == pytest.approx(1.0)
     assert out["stats"]["steps"] == 3
+
+
+SCRIPTS = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_example_takes_a_device_defaulting_to_cuda_when_available(name, capsys):
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    shown = capsys.readouterr().out
+    assert "--device" in shown and "default: cuda when available" in " ".join(shown.split())
+
+
+@pytest.mark.parametrize("name", ["train", "lm", "step", "perturb"])
+def test_every_benchmark_takes_a_device(name):
+    import subprocess
+    import sys
+
+    script = EXAMPLES.parent / "benchmarks" / f"{name}.py"
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
+    assert "--device" in shown.stdout
