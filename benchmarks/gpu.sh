@@ -29,8 +29,16 @@ for i, name in enumerate(pool.names):
     print("syncs", name, sum("synchroniz" in str(w.message) for w in caught))
 PY
 # 2. the group against its members' own steps (fp32), and the perturbation pool
-"$PY" benchmarks/step.py --part group --device cuda --groups "2 x resnet32" --warmup 10 --steps 40 \
-  --out "$out" 2>&1 | tee "$out/step-group.txt" | tail -30
+for spec in "2 x resnet32|128|" "2 x resnet32|128|bf16" "2 x resnet18tv|256|" "2 x resnet18tv|256|bf16"; do
+  IFS='|' read -r group batch amp <<<"$spec"
+  tag=$(echo "$group-$batch-${amp:-fp32}" | tr -d ' ')
+  "$PY" benchmarks/step.py --part group --device cuda --groups "$group" --batch "$batch" ${amp:+--amp $amp} \
+    --warmup 10 --steps 30 --out "$out/$tag" 2>&1 | tee "$out/$tag.txt" | tail -12
+done
+"$PY" benchmarks/step.py --part dense --device cuda --warmup 5 --steps 20 --loss-steps 10 --out "$out/dense" 2>&1 \
+  | tee "$out/dense.txt" | tail -14
+"$PY" benchmarks/step.py --part lm --device cuda --lm-context 1024 --warmup 3 --steps 10 --out "$out/lm" 2>&1 \
+  | tee "$out/lm.txt" | tail -22
 "$PY" benchmarks/perturb.py --device cuda --warmup 5 --steps 30 --out "$out" 2>&1 | tee "$out/perturb.txt" | tail -20
 # 3. one table from what was written
 "$PY" - "$out" <<'PY'
@@ -38,14 +46,21 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print("\n| what (GPU) | variant | median | ratio |\n|---|---|---|---|")
-for path in sorted(out.glob("*.json")):
+for path in sorted(out.rglob("*.json")):
     data = json.loads(path.read_text())
+    setup = data.get("setup", {})
     for group, variants in (data.get("group") or {}).items():
         for name, v in variants.items():
             if isinstance(v, dict) and "median_ms" in v:
-                print(f"| {group} | {name} | {v['median_ms']:.2f} ms | {v.get('ratio', 1):.3f} x |")
+                what = f"{group}, batch {setup.get('batch')}, {setup.get('amp') or 'fp32'}"
+                print(f"| {what} | {name} | {v['median_ms']:.2f} ms | {v.get('ratio', 1):.3f} x |")
+    for name, v in (data.get("dense") or {}).items():
+        if isinstance(v, dict) and "ratio" in v:
+            print(f"| segmentation pair | {name} | {v.get('median_ms', float('nan')):.2f} ms | {v['ratio']:.3f} x |")
     for name, v in ((data.get("lm") or {}).get("steps") or {}).items():
-        print(f"| lm step | {name} | {v['median_s'] * 1e3:.1f} ms | {v['ratio']:.3f} x |")
+        print(f"| lm step (peak {v['peak_ratio']:.2f} x) | {name} | {v['median_s'] * 1e3:.1f} ms | {v['ratio']:.3f} x |")
+    for name, v in ((data.get("lm") or {}).get("losses") or {}).items():
+        print(f"| lm loss stage (+{v['extra_peak_mb']:.0f} MB) | {name} | {v['median_s'] * 1e3:.1f} ms | |")
     for name, v in (data.get("rows") or {}).items():
         print(f"| perturb (/ ResNet-20 step) | {name} | {v['median_ms']:.2f} ms | {v['ratio']:.3f} x |")
 for line in (out / "syncs.txt").read_text().splitlines():

@@ -58,7 +58,7 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import build  # noqa: E402
 from step_dense import bench_dense  # noqa: E402
-from step_lm import bench_lm, peak  # noqa: E402
+from step_lm import SIZES, bench_lm, peak  # noqa: E402
 
 from competitive import CompetitiveGroup, group_loss, step_losses  # noqa: E402
 from competitive.memory import keep_freed_memory  # noqa: E402
@@ -92,6 +92,7 @@ def _preloadable(library: str) -> str:
 
 GROUPS = {
     "2 x resnet32": ["resnet32", "resnet32"],
+    "2 x resnet18tv": ["resnet18tv", "resnet18tv"],  # compute-bound on a GPU (batch 256 in benchmarks/gpu.sh)
     "4 x resnet20": ["resnet20"] * 4,
     "resnet20 + mobilenet0.5": ["resnet20", "mobilenet0.5"],
 }
@@ -114,27 +115,35 @@ def _optimizers(models):
     return [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in models]
 
 
-def _limit(models, x, y):
+def _autocast(x, amp):
+    """bf16 autocast where ``--amp bf16`` asks for it (the group's ``autocast_dtype``), else nothing."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def _limit(models, x, y, amp=None):
     """The limit: each member's plain training step (forward, CE, backward, optimizer step), in turn."""
     optimizers = _optimizers(models)
 
     def step():
         for m, o in zip(models, optimizers):
-            F.cross_entropy(m(x), y).backward()
+            with _autocast(x, amp):
+                logits = m(x)
+            F.cross_entropy(logits.float(), y).backward()
             o.step()
             o.zero_grad(set_to_none=True)
 
     return step
 
 
-def _authors_loop(models, x, y):
+def _authors_loop(models, x, y, amp=None):
     """The structure of the authors' public training loop: forward every member, then for each member
     in turn its loss against the members with a lower CE (compared on the host), its own zero_grad,
     backward and optimizer step."""
     optimizers = _optimizers(models)
 
     def step():
-        outputs = [m(x) for m in models]
+        with _autocast(x, amp):
+            outputs = [m(x).float() for m in models]
         ces = [F.cross_entropy(z, y) for z in outputs]
         for i, optimizer in enumerate(optimizers):
             better = [j for j in range(len(outputs)) if j != i and ces[j].item() < ces[i].item()]
@@ -157,8 +166,8 @@ def bench_group(names, args, device):
     x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
     variants = {
-        "(a) limit": _limit(copy.deepcopy(base), x, y),
-        "(f) authors' loop, better": _authors_loop(copy.deepcopy(base), x, y),
+        "(a) limit": _limit(copy.deepcopy(base), x, y, args.amp),
+        "(f) authors' loop, better": _authors_loop(copy.deepcopy(base), x, y, args.amp),
     }
     for label, rule, compiled in [
         ("(b) independent", "independent", False),
@@ -177,6 +186,7 @@ def bench_group(names, args, device):
             compile=compiled,
             warmup_steps=0,
             keep_cpu_memory=args.keep_cpu_memory,
+            autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None,
             **features,
         )
         variants[label] = (
@@ -368,6 +378,7 @@ def main():
     p.add_argument("--part", choices=("all", "group", "loss", "overhead", "dense", "lm"), default="all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--amp", choices=("bf16",), help="--part group: members under bf16 autocast (limit and group)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--loss-steps", type=int, default=30)
@@ -379,7 +390,7 @@ def main():
         metavar="STEPS",
         help="--part group: after the timing, profile this many steps of (a), (f), (d), (e) with torch.profiler",
     )
-    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {list(GROUPS)}")
+    p.add_argument("--groups", default=",".join(g for g in GROUPS if "18" not in g), help=f"from {list(GROUPS)}")
     p.add_argument("--no-grid", action="store_true", help="--part loss: the per-term table only")
     p.add_argument("--dense-batch", type=int, default=8, help="--part dense: maps per batch")
     p.add_argument("--dense-size", type=int, default=128, help="--part dense: height = width of the maps")
@@ -421,7 +432,7 @@ def main():
     print(
         f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'})"
         f" torch={torch.__version__} threads={threads} cores={len(os.sched_getaffinity(0))} batch={args.batch} "
-        f"warmup={args.warmup} steps={args.steps} allocator={malloc} cpu_memory={cpu_memory}"
+        f"warmup={args.warmup} steps={args.steps} allocator={malloc} cpu_memory={cpu_memory} amp={args.amp}"
         " (medians; variants interleaved step by step)",
         flush=True,
     )
@@ -435,6 +446,7 @@ def main():
             "steps": args.steps,
             "allocator": malloc,
             "cpu_memory": cpu_memory,
+            "amp": args.amp,
         }
     }
     if args.part == "dense":
@@ -472,7 +484,8 @@ def main():
         )
         out["dense"] = bench_dense(args, device, _timed)
     if args.part == "lm":
-        print(f"\ntwo GPT-2-style LMs, 2 and 4 layers x 128, batch {args.lm_batch} x {args.lm_context}", flush=True)
+        sizes = " and ".join(f"{n} x {w}" for n, w, _ in SIZES["cuda" if device.type == "cuda" else "cpu"])
+        print(f"\ntwo GPT-2-style LMs ({sizes}), batch {args.lm_batch} x {args.lm_context}", flush=True)
         out["lm"] = bench_lm(args, device, _timed)
     args.out.mkdir(parents=True, exist_ok=True)
     memory = "" if args.keep_cpu_memory or device.type != "cpu" else "-nokeep"

@@ -10,8 +10,11 @@ the per-round ratios: (a) the limit, each member's own Hugging Face training ste
 chunks of positions (``chunk_rows=None``: chunked at this vocabulary): (b) eager, (c) ``compile=True``,
 (d) eager with ``KL(divergence="jsd")``; (e) the whole step math (``chunk_rows=0``), eager, for reference.
 
-Peak memory: each variant again in a fresh process (``--lm-peak``), the peak resident set (``VmHWM``)
-over ``--warmup`` + 3 steps; every process keeps freed memory as the group does (``keep_freed_memory``).
+Peak memory: on a CPU each variant again in a fresh process (``--lm-peak``), the peak resident set
+(``VmHWM``) over ``--warmup`` + 3 steps; every process keeps freed memory as the group does
+(``keep_freed_memory``). On a GPU (``--device cuda``): the peak of allocated memory over the same steps, each
+variant on its own in this process; the members are then GPT-2 configs of 4 x 512 and 8 x 768 under bf16
+autocast with fused AdamW (``SIZES``), and the times are CUDA-synchronized.
 
 Then the divergence alone on the same tensors (the two members' logits at this size, the 4-layer member
 teaching the 2-layer one, whose logits require grad): forward + backward of (f) our step math
@@ -30,35 +33,48 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 from competitive import KL, CompetitiveGroup, step_losses
 from competitive.chunked import chunked_losses
 from competitive.memory import keep_freed_memory
 
 VOCAB = 50257
+CPU = torch.device("cpu")
 STEPS = ("limit", "eager", "compiled", "eager-jsd", "whole")
 LOSSES = ("ours-kl", "trl-kl", "torchtune-kl", "whole-kl", "ours-jsd", "trl-jsd")
 
 
-def _members(context):
+# per device: (layers, width, heads) of the two members; on a GPU GPT-2 small's width, bf16 autocast, fused AdamW
+SIZES = {"cpu": ((2, 128, 4), (4, 128, 4)), "cuda": ((4, 512, 8), (8, 768, 12))}
+
+
+def _members(context, device):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = dict(vocab_size=VOCAB, n_positions=context, n_embd=128, n_head=4)
-    models = [GPT2LMHeadModel(GPT2Config(n_layer=n, **config)) for n in (2, 4)]
-    return models, [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
+    config = dict(vocab_size=VOCAB, n_positions=context)
+    sizes = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    models = [GPT2LMHeadModel(GPT2Config(n_layer=n, n_embd=w, n_head=h, **config)).to(device) for n, w, h in sizes]
+    fused = device.type == "cuda"
+    return models, [torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused) for m in models]
 
 
-def _step(variant, args):
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _step(variant, args, device=CPU):
     """One training step of ``variant`` on a fixed batch, as a callable."""
-    models, optimizers = _members(args.lm_context)
+    models, optimizers = _members(args.lm_context, device)
     ids = torch.randint(0, VOCAB, (args.lm_batch, args.lm_context), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
     if variant == "limit":
 
         def step():
             for model, optimizer in zip(models, optimizers):
-                model(ids, labels=ids).loss.backward()
+                with _autocast(device):
+                    loss = model(ids, labels=ids).loss
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -67,16 +83,17 @@ def _step(variant, args):
     group = CompetitiveGroup(
         models, optimizers, shift_targets=True, class_dim=-1, granularity="position", terms=terms, warmup_steps=0,
         compile=variant == "compiled", chunk_rows=0 if variant == "whole" else None,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )  # fmt: skip
     return partial(group.step, (ids, ids))
 
 
-def _loss(name, args):
+def _loss(name, args, device=CPU):
     """Forward + backward of one divergence on the two members' logits, as a callable."""
     g = torch.Generator().manual_seed(2)
     shape = (args.lm_batch, args.lm_context, VOCAB)
-    student, teacher = torch.randn(shape, generator=g).requires_grad_(), torch.randn(shape, generator=g)
-    labels = torch.randint(0, VOCAB, shape[:2], generator=g)
+    student, teacher = torch.randn(shape, generator=g).to(device).requires_grad_(), torch.randn(shape, generator=g)
+    teacher, labels = teacher.to(device), torch.randint(0, VOCAB, shape[:2], generator=g).to(device)
     kw = dict(fixed_teacher=1, granularity="position", class_dim=-1, shift_targets=True)
     if name in ("ours-kl", "ours-jsd", "whole-kl"):
         fn = step_losses if name == "whole-kl" else chunked_losses
@@ -133,10 +150,25 @@ def _fresh(kind, variant, args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cuda_peak(kind, variant, args, device):
+    """On a GPU, in this process: the peak of allocated memory (MB) over ``--warmup`` + 3 steps."""
+    torch.cuda.empty_cache()
+    step = _step(variant, args, device) if kind == "step" else _loss(variant, args, device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup + 3):
+        step()
+    torch.cuda.synchronize()
+    del step
+    return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "before_mb": before}
+
+
 def bench_lm(args, device, timed):
-    if device.type != "cpu":
-        raise SystemExit("--part lm measures the CPU (peak resident memory); run it without --device cuda")
-    steps = {v: _step(v, args) for v in STEPS}
+    """CPU: peak resident memory of a fresh process per variant; GPU: peak allocated memory, in this process."""
+    measure = partial(_cuda_peak, device=device) if device.type == "cuda" else _fresh
+    peaks = {v: measure("step", v, args) for v in STEPS} if device.type == "cuda" else None
+    steps = {v: _step(v, args, device) for v in STEPS}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -145,7 +177,7 @@ def bench_lm(args, device, timed):
         for v, step in steps.items():
             rounds[v].append(timed(step, device))
     out = {"steps": {}, "losses": {}}
-    peaks = {v: _fresh("step", v, args) for v in STEPS}
+    peaks = peaks or {v: measure("step", v, args) for v in STEPS}
     print("| variant | median s | / limit | peak MB (fresh process) | peak / limit's |")
     print("|---|---|---|---|---|")
     for v in STEPS:
@@ -154,18 +186,20 @@ def bench_lm(args, device, timed):
         out["steps"][v] = {"median_s": statistics.median(rounds[v]), "ratio": ratio, **peaks[v], "peak_ratio": mem}
         print(f"| {v} | {statistics.median(rounds[v]):.2f} | {ratio:.3f} | {peaks[v]['peak_mb']:.0f} | {mem:.3f} |")
     del steps
-    losses = {name: _loss(name, args) for name in LOSSES if _available(name)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    losses = {name: _loss(name, args, device) for name in LOSSES if _available(name)}
     times = {name: [] for name in losses}
     for _ in range(max(3, args.steps // 2)):
         for name, fn in losses.items():
-            times[name].append(Timer("fn()", globals={"fn": fn}).timeit(1).median)
+            times[name].append(timed(fn, device))
     print("\n| divergence on the same logits (fwd + bwd) | median s | / torchtune | peak above the logits, MB |")
     print("|---|---|---|---|")
     for name in LOSSES:
         if name not in losses:
             print(f"| {name} | not installed | | |")
             continue
-        fresh = _fresh("loss", name, args)
+        fresh = measure("loss", name, args)
         median = statistics.median(times[name])
         base = statistics.median(times["torchtune-kl"]) if "torchtune-kl" in times else float("nan")
         extra = fresh["peak_mb"] - fresh["before_mb"]

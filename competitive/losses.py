@@ -223,7 +223,7 @@ def _compete_batch(
     score, has = (score if reduce_score is None else reduce_score(score)), count > 0
     # teacher_index of [N] in four ops: the first of the lowest finite scores, -1 if none is finite
     lowest, teacher = torch.nan_to_num(score, nan=torch.inf, posinf=torch.inf, neginf=torch.inf).min(dim=0)
-    teacher = teacher.masked_fill(lowest == torch.inf, -1)
+    teacher = teacher.masked_fill(lowest == torch.inf, -1)  # (min gives the first of equal minima)
     if fixed_teacher is not None:  # offline KD: the fixed member teaches wherever its own outputs are finite
         teacher = torch.where(torch.isfinite(score[fixed_teacher]), fixed_teacher, -1)
     if rule in ("best", "independent") and not torch.compiler.is_compiling():  # W of every teacher, built once:
@@ -233,8 +233,9 @@ def _compete_batch(
         weights = weights_for_teacher(score, rule=rule, teacher=teacher)
     weights = weights * has.unsqueeze(-1)
     # teaches [N, B]: all of a sample's valid positions may teach, and it has one (without positions: teaches_at)
-    own = valid.view(n, batch, -1)
-    ok = ((teaches_at | ~valid).view(n, batch, -1).all(-1) & own.any(-1)) if positions else teaches_at
+    ok = teaches_at
+    if positions:
+        ok = (teaches_at | ~valid).view(n, batch, -1).all(-1) & valid.view(n, batch, -1).any(-1)
     outputs = StepOutputs(rows.unbind(0), log_probs, labels.expand(n, -1), ok, features, embeddings, valid, teaches_at)
     return outputs._replace(positions=positions), total / count.clamp_min(1.0), teacher, weights, has.any()
 
