@@ -116,6 +116,15 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("bf16",), help="members' forwards under bf16 autocast (no GradScaler needed)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>)")
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the settings x seeds as K concurrent processes, merged as one run (on a CPU each gets its share "
+        "of the cores; on a GPU they share the device, whose steps leave it idle while the host launches kernels)",
+    )
+    p.add_argument("--runs", help=argparse.SUPPRESS)  # a --jobs worker's own runs: setting:seed,...
+    p.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -133,6 +142,8 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     args.out = args.out or Path("runs") / args.preset
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: please give a number of processes >= 1")
     return args
 
 
@@ -352,10 +363,45 @@ def report(results: dict, args) -> None:
     print(f"\nwrote {args.out}/results.json, table.md, fig3a.png, fig3b.png, teacher_share.png")
 
 
+def _runs(args) -> list[tuple[str, int]]:
+    """The (setting, seed) runs of this process: seed by seed, every setting; a worker's own with --runs."""
+    if args.runs:
+        return [(run.rsplit(":", 1)[0], int(run.rsplit(":", 1)[1])) for run in args.runs.split(",")]
+    return [(setting, seed) for seed in args.seeds for setting in args.settings]
+
+
+def concurrent(args, argv) -> None:
+    """``--jobs K``: the runs dealt round-robin to K worker processes (each this script on its own runs, in
+    ``--out``/job-k), then merged. On a CPU each worker is pinned to its share of the cores."""
+    import subprocess
+
+    runs, cores = _runs(args), sorted(os.sched_getaffinity(0))
+    jobs = min(args.jobs, len(runs))
+    share = [cores[k::jobs] or cores for k in range(jobs)] if args.device == "cpu" else [cores] * jobs
+    argv = list(sys.argv[1:] if argv is None else argv)
+    start, workers = time.perf_counter(), []
+    for k in range(jobs):
+        mine = ",".join(f"{setting}:{seed}" for setting, seed in runs[k::jobs])
+        command = [sys.executable, __file__, *argv, "--jobs", "1", "--runs", mine, "--out", str(args.out / f"job-{k}")]
+        env = dict(os.environ, OMP_NUM_THREADS=str(len(share[k])))
+        workers.append(subprocess.Popen(command, env=env, preexec_fn=lambda c=share[k]: os.sched_setaffinity(0, c)))
+    failed = [k for k, worker in enumerate(workers) if worker.wait() != 0]
+    if failed:
+        raise SystemExit(f"--jobs: workers {failed} failed (their output is above; their runs in {args.out}/job-*)")
+    wall = time.perf_counter() - start
+    args.merge = [args.out / f"job-{k}" / "results.json" for k in range(jobs)]
+    merge(args)
+    epochs = len(runs) * args.epochs
+    rate = 60 * epochs / wall
+    print(f"--jobs {jobs}: {len(runs)} runs, {epochs} epochs in {wall:.0f} s ({rate:.2f} epochs per minute, all runs)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args)
+    if args.jobs > 1:
+        return concurrent(args, argv)
     if args.device == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(
@@ -375,18 +421,19 @@ def main(argv=None):
         data["test"] = (data["test"][0][keep], data["test"][1][keep])
     args.out.mkdir(parents=True, exist_ok=True)
     results = {s: {} for s in args.settings}
-    for seed in args.seeds:
-        for setting in args.settings:
-            history = run(setting, seed, data, args)
-            results[setting][str(seed)] = history
-            print(
-                f"{setting:>16} seed {seed}: top-1 {[f'{a:.2f}' for a in history['test_acc'][-1]]} "
-                f"({sum(history['epoch_time']):.0f} s)",
-                flush=True,
-            )
-            (args.out / "results.json").write_text(
-                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
-            )
+    for setting, seed in _runs(args):
+        history = run(setting, seed, data, args)
+        results[setting][str(seed)] = history
+        print(
+            f"{setting:>16} seed {seed}: top-1 {[f'{a:.2f}' for a in history['test_acc'][-1]]} "
+            f"({sum(history['epoch_time']):.0f} s)",
+            flush=True,
+        )
+        (args.out / "results.json").write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+        )
+    if args.runs:  # a --jobs worker: its results.json is merged by the parent
+        return
     report(results, args)
     if args.preset == "quick":
         print("\n" + reading(results, args))

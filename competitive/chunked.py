@@ -8,6 +8,8 @@ besides the logits, and the gradients take the logits' place. With ``compile``, 
 compiled on its own (``fullgraph=True``) and the loop over the chunks is not, as in torchtune's chunked losses.
 """
 
+from __future__ import annotations  # torch 2.6's dynamo cannot build the nested softmax's annotations
+
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 

@@ -135,3 +135,32 @@ def test_lm_benchmark_runs_every_setting_and_merges_split_seeds(tmp_path):
     # a seed gives every setting the same initial weights and first batch: the same CE before any update
     first = {setting: runs["0"]["ce"][0] for setting, runs in results.items()}
     assert len({tuple(v) for v in first.values()}) == 1, first
+
+
+def test_train_runs_settings_and_seeds_as_concurrent_jobs_and_merges_them(tmp_path):
+    import json
+    import subprocess
+
+    _fake_archive(tmp_path / "cifar10-jpg.tar.gz", per_class=4)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+    command = [sys.executable, str(script), "--preset", "quick", "--models", "resnet8,resnet8", "--epochs", "1",
+               "--train-subset", "0", "--test-subset", "0", "--batch-size", "8", "--data", str(tmp_path),
+               "--cache", str(tmp_path / "cache"), "--device", "cpu", "--settings", "independent,competitive",
+               "--seeds", "0,1", "--jobs", "3", "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--jobs 3: 4 runs, 4 epochs" in done.stdout and "epochs per minute" in done.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert {s: sorted(r) for s, r in results.items()} == {"independent": ["0", "1"], "competitive": ["0", "1"]}
+    # each worker ran its own share of the runs (round-robin), and nothing twice
+    shares = [json.loads((tmp_path / "out" / f"job-{k}" / "results.json").read_text())["results"] for k in range(3)]
+    counts = [sum(len(r) for r in share.values()) for share in shares]
+    assert counts == [2, 1, 1]
+    assert (tmp_path / "out" / "table.md").exists()
+
+
+def test_jobs_must_be_positive():
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--jobs", "0"])
