@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rules import TABLES, _ranking_key, teacher_index, weight_table, weights_for_teacher  # noqa: F401
+from .rules import TABLES, teacher_index, weight_table, weights_for_teacher  # noqa: F401
 
 RULES = ("best", "better", "mutual", "independent")
 GRANULARITIES = ("batch", "sample", "position")
@@ -221,23 +221,29 @@ def _compete_batch(
             teaches_at = (teaches_at.view(n, batch, -1) & finite.to(valid.device).unsqueeze(-1)).view(n, -1)
             score = score.masked_fill(~(teaches_at | ~valid).all(dim=1), torch.nan)
     score, has = (score if reduce_score is None else reduce_score(score)), count > 0
-    # teacher_index of [N] in four ops: the first of the lowest finite scores, -1 if none is finite
-    lowest, teacher = torch.nan_to_num(score, nan=torch.inf, posinf=torch.inf, neginf=torch.inf).min(dim=0)
-    teacher = teacher.masked_fill(lowest == torch.inf, -1)  # (min gives the first of equal minima)
-    if fixed_teacher is not None:  # offline KD: the fixed member teaches wherever its own outputs are finite
-        teacher = torch.where(torch.isfinite(score[fixed_teacher]), fixed_teacher, -1)
-    if rule in ("best", "independent") and not torch.compiler.is_compiling():  # W of every teacher, built once:
-        key = (rule, n, score.device, score.dtype)  # a lookup by a 1-D index: no host read
-        weights = (TABLES[key] if key in TABLES else weight_table(*key))[teacher.view(1)][0]
-    else:
-        weights = weights_for_teacher(score, rule=rule, teacher=teacher)
-    weights = weights * has.unsqueeze(-1)
+    teacher, weights = _batch_teacher(score, has, rule, fixed_teacher)
     # teaches [N, B]: all of a sample's valid positions may teach, and it has one (without positions: teaches_at)
     ok = teaches_at
     if positions:
         ok = (teaches_at | ~valid).view(n, batch, -1).all(-1) & valid.view(n, batch, -1).any(-1)
-    outputs = StepOutputs(rows.unbind(0), log_probs, labels.expand(n, -1), ok, features, embeddings, valid, teaches_at)
-    return outputs._replace(positions=positions), total / count.clamp_min(1.0), teacher, weights, has.any()
+    outputs = StepOutputs(rows.unbind(0), log_probs, labels.expand(n, -1), ok, features, embeddings, valid,
+                          teaches_at, positions)  # fmt: skip
+    return outputs, total / count.clamp_min(1.0), teacher, weights, has.any()
+
+
+def _batch_teacher(score: Tensor, has: Tensor, rule: str, fixed_teacher: int | None) -> tuple[Tensor, Tensor]:
+    """The batch's teacher and ``W`` (zero rows where no valid position, ``~has``) from the scores ``[N]``."""
+    # the first of the lowest finite scores (min gives the first of equal minima), -1 if none is finite
+    lowest, teacher = torch.nan_to_num(score, nan=torch.inf, posinf=torch.inf, neginf=torch.inf).min(dim=0)
+    teacher = teacher.masked_fill(lowest == torch.inf, -1)
+    if fixed_teacher is not None:  # offline KD: the fixed member teaches wherever its own outputs are finite
+        teacher = torch.where(torch.isfinite(score[fixed_teacher]), fixed_teacher, -1)
+    if rule in ("best", "independent") and not torch.compiler.is_compiling():  # W of every teacher, built once:
+        key = (rule, len(score), score.device, score.dtype)  # a lookup by a 1-D index
+        weights = (TABLES[key] if key in TABLES else weight_table(*key))[teacher.view(1)][0]
+    else:
+        weights = weights_for_teacher(score, rule=rule, teacher=teacher)
+    return teacher, weights * has.unsqueeze(-1)
 
 
 def contest(

@@ -16,7 +16,6 @@ from .mixing import CutMix, MixUp  # noqa: F401  (importable from here)
 from .operations import (  # noqa: F401  (importable from here)
     InUnitRange,
     Operation,
-    ResizedCrop,
     carries_dense_targets,
     default_operations,
     draws_on,
@@ -24,6 +23,7 @@ from .operations import (  # noqa: F401  (importable from here)
     perturb_dense,
     soft_labels,
 )
+from .warps import ResizedCrop  # noqa: F401
 
 DEFAULT_P = 0.1  # the authors' code perturbs every tenth batch (``if i_batch % 10 == 0``)
 

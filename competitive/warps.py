@@ -108,7 +108,7 @@ class ThinPlateSpline(Warp):
         system[:, :5, 6:] = moved
         system[:, 6:, :5] = moved.transpose(1, 2)
         targets = torch.cat([points.expand(batch, 5, 2), torch.zeros(batch, 3, 2, device=x.device)], 1)
-        weights = torch.linalg.solve_ex(system, targets, check_errors=False).result  # [B, 8, 2]
+        weights: Tensor = torch.linalg.solve_ex(system, targets, check_errors=False).result  # [B, 8, 2]
         ys = (torch.arange(height, device=x.device) * 2 + 1) / height - 1  # pixel centres (align_corners=False)
         xs = (torch.arange(width, device=x.device) * 2 + 1) / width - 1
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2).expand(batch, -1, -1)
@@ -119,7 +119,8 @@ class ThinPlateSpline(Warp):
 def _kernel(a: Tensor, b: Tensor) -> Tensor:
     """The thin-plate radial basis ``r^2 log r^2`` between points ``a`` ``[B, P, 2]`` and ``b`` ``[B, K, 2]``."""
     r2 = (a.unsqueeze(2) - b.unsqueeze(1)).square().sum(-1)
-    return torch.xlogy(r2, r2)  # 0 at r = 0
+    kernel: Tensor = torch.xlogy(r2, r2)  # 0 at r = 0
+    return kernel
 
 
 class SaltAndPepper(nn.Module):
