@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 # the oldest versions pyproject.toml allows (and test-oldest installs); keep the two in step
-OLDEST=("torch==2.6.0" "torchvision==0.21.0" "kornia==0.8.0")
+OLDEST=("torch==2.7.1" "torchvision==0.22.1" "kornia==0.8.0")
 if [ "${1:-}" = "test-oldest" ]; then
   shift
   V=.venv-oldest

@@ -10,3 +10,12 @@ settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True
 settings.load_profile("ci")
 
 CUDA = torch.cuda.is_available()
+
+
+def version(text: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``torch.__version__`` ("2.6.0+cu124")."""
+    major, minor = text.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+TORCH = version(torch.__version__)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from classification_reference import CONFIGS, run
+from conftest import TORCH, version
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,6 +32,11 @@ def _compare(ours, saved, same):
 def test_classification_is_bit_for_bit_that_of_0_3_0(name):
     # every rule, both granularities, soft labels from mixing, KL / feature / ADM terms, the pool: bit for bit
     # what the 0.3.0 code computed on a CPU of the same kind
+    import kornia
+
+    if "pool" in CONFIGS[name] and (TORCH < (2, 11) or version(kornia.__version__) < (0, 9)):
+        pytest.skip(f"0.3.0's pool draws through kornia, whose draws differ under torch {torch.__version__} / kornia "
+                    f"{kornia.__version__} from those of the references (torch >= 2.11, kornia >= 0.9)")
     ours, saved = run(name), [torch.load(path)[name] for path in REFERENCES]
     for reference in saved:
         try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TORCH
 
 STEPS, BATCH, LENGTH = 3, 4, 9
 
@@ -67,6 +68,8 @@ def _worker(rank, world, out, wrap, granularity):
 @pytest.mark.parametrize("granularity", ["batch", "position", "position-chunked"])
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, wrap, granularity):
+    if wrap == "fsdp2" and TORCH < (2, 11):  # 2.6: no torch.Stream.record_event; 2.7.1: other parameters (by 0.05)
+        pytest.skip(f"FSDP2 on gloo matches one process from torch 2.11 on; this is torch {torch.__version__}")
     mp.start_processes(_worker, args=(2, str(tmp_path), wrap, granularity), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     models = _members()

@@ -6,6 +6,7 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TORCH
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -66,6 +67,8 @@ def _group(**kwargs):
 # the group's ops over the limit's, measured on torch 2.14 (0.6.0: +198 with kl, +136 independent)
 @pytest.mark.parametrize("kwargs, extra", [({}, 90), (dict(rule="independent", terms=[]), 55)])
 def test_a_steady_step_dispatches_few_ops_over_the_limit(kwargs, extra):
+    if TORCH < (2, 14):  # other versions decompose some ops differently (torch 2.6: the limit is 90 ops)
+        pytest.skip(f"the counts were measured on torch 2.14; this is torch {torch.__version__}")
     limit, group = _limit(), _group(**kwargs)
     assert sum(group.values()) - sum(limit.values()) <= extra, (sum(group.values()), sum(limit.values()))
 
