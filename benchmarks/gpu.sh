@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every CUDA test and GPU benchmark in one run, then one table: bash benchmarks/gpu.sh [OUT]
-# (OUT: where logs and JSON go; default runs/gpu). Takes about 6 minutes on an H200. Without kornia
+# (OUT: where logs and JSON go; default runs/gpu). Each part has a time limit; about 8 minutes on an H200. Without kornia
 # installed, put its wheels on PYTHONPATH first (see docs/guides/gpu.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +10,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__)" | tee "$out/setup.txt"
 # 1. the CUDA tests (each skips on a machine without a GPU)
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_overhead.py tests/test_compile.py \
-  tests/test_amp.py tests/test_faults.py tests/test_perturbation.py 2>&1 | tail -25 | tee "$out/tests.txt"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k "cuda or gpu or batch_device" \
+  tests/test_overhead.py tests/test_compile.py tests/test_amp.py tests/test_faults.py tests/test_perturbation.py \
+  2>&1 | tail -25 | tee "$out/tests.txt"
 # host syncs of each operation of the default pool, after its first call
 "$PY" - <<'PY' 2>&1 | tee "$out/syncs.txt"
 import warnings
@@ -32,14 +33,15 @@ PY
 for spec in "2 x resnet32|128|" "2 x resnet32|128|bf16" "2 x resnet18tv|256|" "2 x resnet18tv|256|bf16"; do
   IFS='|' read -r group batch amp <<<"$spec"
   tag=$(echo "$group-$batch-${amp:-fp32}" | tr -d ' ')
-  "$PY" benchmarks/step.py --part group --device cuda --groups "$group" --batch "$batch" ${amp:+--amp $amp} \
-    --warmup 10 --steps 30 --out "$out/$tag" 2>&1 | tee "$out/$tag.txt" | tail -12
+  timeout 150 "$PY" benchmarks/step.py --part group --device cuda --groups "$group" --batch "$batch" \
+    ${amp:+--amp $amp} --warmup 8 --steps 25 --out "$out/$tag" 2>&1 | tee "$out/$tag.txt" | tail -12
 done
-"$PY" benchmarks/step.py --part dense --device cuda --warmup 5 --steps 20 --loss-steps 10 --out "$out/dense" 2>&1 \
-  | tee "$out/dense.txt" | tail -14
-"$PY" benchmarks/step.py --part lm --device cuda --lm-context 1024 --warmup 3 --steps 10 --out "$out/lm" 2>&1 \
-  | tee "$out/lm.txt" | tail -22
-"$PY" benchmarks/perturb.py --device cuda --warmup 5 --steps 30 --out "$out" 2>&1 | tee "$out/perturb.txt" | tail -20
+timeout 120 "$PY" benchmarks/step.py --part dense --device cuda --warmup 4 --steps 15 --loss-steps 8 \
+  --out "$out/dense" 2>&1 | tee "$out/dense.txt" | tail -14
+timeout 200 "$PY" benchmarks/step.py --part lm --device cuda --lm-context 1024 --warmup 2 --steps 8 \
+  --out "$out/lm" 2>&1 | tee "$out/lm.txt" | tail -22
+timeout 90 "$PY" benchmarks/perturb.py --device cuda --warmup 5 --steps 30 --out "$out" 2>&1 | tee "$out/perturb.txt" \
+  | tail -20
 # 3. one table from what was written
 "$PY" - "$out" <<'PY'
 import json, sys
