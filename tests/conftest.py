@@ -19,3 +19,14 @@ def version(text: str) -> tuple[int, int]:
 
 
 TORCH = version(torch.__version__)
+
+
+def steps_without_host_sync(step, batches) -> None:
+    """``step(batch)`` for each batch under CUDA's sync debug mode "error": any host sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

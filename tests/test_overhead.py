@@ -6,7 +6,7 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TORCH
+from conftest import TORCH, steps_without_host_sync
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -125,10 +125,4 @@ def test_a_perturbed_step_has_no_host_sync_on_gpu():
                for _ in range(24)]
     for batch in batches[:8]:  # every operation's first use may set up (and sync) once
         group.step(batch)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for batch in batches[8:]:
-            group.step(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    steps_without_host_sync(group.step, batches[8:])
