@@ -10,6 +10,7 @@ from .parts import GroupParts, TermList
 from .perturbation import PerturbationPool
 from .result import StepResult
 from .rules import teacher_index
+from .tasks import TASK_LOSSES, member_losses, task_losses
 from .terms import (
     ADM,
     CWD,
@@ -17,6 +18,7 @@ from .terms import (
     MCL,
     TERMS,
     FeatureL2,
+    OutputL2,
     ProjectionHead,
     StepOutputs,
     Term,
@@ -37,11 +39,13 @@ __all__ = [
     "GroupParts",
     "LossTerms",
     "Members",
+    "OutputL2",
     "PerturbationPool",
     "ProjectionHead",
     "StepLosses",
     "StepOutputs",
     "StepResult",
+    "TASK_LOSSES",
     "TERMS",
     "Term",
     "TermList",
@@ -52,8 +56,10 @@ __all__ = [
     "distillation_weights",
     "group_loss",
     "mcl_loss",
+    "member_losses",
     "register_term",
     "step_losses",
+    "task_losses",
     "teacher_index",
     "token_operations",
 ]

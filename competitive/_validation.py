@@ -204,6 +204,13 @@ def check_compile(compile: Any) -> dict[str, Any] | None:
     return dict(compile)
 
 
+def check_forward(forward: Any) -> Any:
+    """``forward``: None or a callable ``(member, inputs, targets) -> output``."""
+    if forward is not None and not callable(forward):
+        raise TypeError(f"Invalid forward {forward!r}: please provide a callable (member, inputs, targets) -> output.")
+    return forward
+
+
 def check_logits_from(spec: Any, n: int) -> list[Any]:
     """``logits_from``: one spec for all members, or a list of one per member."""
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * n

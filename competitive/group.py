@@ -1,7 +1,7 @@
 """``CompetitiveGroup`` (paper §3): a composite of small owners that runs one step through them: the
 pool draws, the members forward, the step math computes, the counters record, the members step."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, cast
 
@@ -20,14 +20,15 @@ from .memory import keep_freed_memory
 from .parts import GroupParts
 from .perturbation import PerturbationPool
 from .result import StepResult
+from .tasks import Task, TaskLoss
 from .terms import Term
 
 
 class CompetitiveGroup:
     """Trains ``N >= 2`` networks on the same batches by competitive distillation.
 
-    Each :meth:`step` forwards every member, picks the teacher from the cross-entropies, adds every knowledge
-    term to each student's loss, then backpropagates and steps each member; a term's settings live on it.
+    Each :meth:`step` forwards every member, picks the teacher (the lowest loss), adds every knowledge term to
+    each student's loss, then backpropagates and steps each member; a term's settings live on it.
 
     Args:
         models (list of nn.Module): the members; logits ``[B, C]`` with targets ``[B]``, or per position
@@ -56,6 +57,10 @@ class CompetitiveGroup:
         example_input (Tensor, optional): inputs forwarded once (eval mode) to build the terms' parts now.
         process_group (ProcessGroup, optional): ranks that agree on one teacher under DDP.
         keep_cpu_memory (bool): keep freed CPU memory (:func:`competitive.memory.keep_freed_memory`). Default: True.
+        task_loss (str or callable): each member's objective and score: ``"ce"`` (default), ``"bce"``, ``"mse"``,
+            ``"l1"``, or ``(output, target) -> loss per sample [B]`` (:mod:`competitive.tasks`).
+        forward (callable, optional): ``(member, inputs, targets) -> output``; default ``member(inputs)``.
+        loss_from (optional): the member's own loss in its output (a key, attribute or callable), per batch.
         **deprecated: ``alpha``, ``temperature``, ``beta``, ``perturb_prob``: forwarded with a warning.
 
     Example:
@@ -76,19 +81,16 @@ class CompetitiveGroup:
         terms: Sequence[str | Term] | None = None,
         rule: str = "best", granularity: str = "batch",
         class_dim: int = 1, ignore_index: int = -100,
-        shift_targets: bool = False,
-        chunk_rows: int | None = None,
-        warmup_steps: int = 150,
-        fixed_teacher: int | None = None,
+        shift_targets: bool = False, chunk_rows: int | None = None,
+        warmup_steps: int = 150, fixed_teacher: int | None = None,
         logits_from: LogitsSpec | Sequence[LogitsSpec] = None,
         perturbation: PerturbationPool | None = None,
-        seed: int | None = None,
-        compile: bool | dict[str, Any] = False,
-        skip_nonfinite: bool = False,
-        autocast_dtype: torch.dtype | None = None,
+        seed: int | None = None, compile: bool | dict[str, Any] = False,
+        skip_nonfinite: bool = False, autocast_dtype: torch.dtype | None = None,
         example_input: Tensor | None = None,
-        process_group: "torch.distributed.ProcessGroup | None" = None,
-        keep_cpu_memory: bool = True,
+        process_group: "torch.distributed.ProcessGroup | None" = None, keep_cpu_memory: bool = True,
+        task_loss: str | TaskLoss = "ce", forward: Callable[[nn.Module, Any, Any], Any] | None = None,
+        loss_from: str | Callable[[Any], Tensor] | None = None,
         **deprecated: Any,
     ):
         n = check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument, before any hook
@@ -106,6 +108,9 @@ class CompetitiveGroup:
         kw.update(ignore_index=ignore_index, reduce_score=global_mean(process_group), shift_targets=shift_targets)
         self.loss_fn = partial(step_losses if c is None else torch.compile(step_losses, fullgraph=True, **c), **kw)
         self.chunk_rows, self.chunked_fn = chunk_rows, partial(chunked, **kw, chunk_rows=chunk_rows, compile=c)
+        self.task = None if task_loss == "ce" and loss_from is None else Task(
+            task_loss, loss_from, built, kw, compile=c, perturbation=perturbation, chunk_rows=chunk_rows)
+        self.members.call = check.check_forward(forward)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its
@@ -134,8 +139,8 @@ class CompetitiveGroup:
         no counter or generator moves, no gradient). Call ``group.eval()`` first for validation."""
         return self._run(batch, train=False, cut=False)[1]
 
-    def _run(self, batch: tuple[Tensor, Tensor], *, train: bool, cut: bool) -> tuple[Tensor, StepResult, Any]:
-        x, y = self.members.check_batch(batch)
+    def _run(self, batch: tuple[Any, Any], *, train: bool, cut: bool) -> tuple[Tensor, StepResult, Any]:
+        x, y = self.members.check_batch(batch) if self.task is None else self.task.check_batch(batch, self.devices)
         generator_state = self.parts.generator.get_state()
         try:
             return self._losses(x, y, train, cut)
@@ -150,16 +155,18 @@ class CompetitiveGroup:
         if self.parts.counters.last_teacher.device != device:  # the members moved (e.g. a trainer's .to())
             self.parts.to(device)
         if self.parts.shapes is None:  # no example_input: size the parts from this batch first
-            self.parts.build(self.members.probe(x[:2]))
+            self.parts.build(self.members.probe(x[:2]) if self.task is None else self.members.probe(x, y))
         pool = self.perturbation if train else None
         if train:
             self.members.watch.poll()
             if self.keep_cpu_memory and self.cpu_memory is None and device.type == "cpu":
                 self.cpu_memory = keep_freed_memory()
         draw = pool.draw(self.parts.generator, len(self.members), x, y) if pool is not None else None
-        inputs = self.members.forward(x, y, draw, pool, cut)
+        inputs = self.members.forward(x, y, draw, pool, cut) if self.task is None else self.task.forward(
+            self.members, x, y, cut)  # another task loss, or members that give their own: competitive.tasks
         big, rows, terms = inputs.logits[0].numel() > AUTO_VALUES, self.chunk_rows, self.terms
-        fn = self.chunked_fn if rows != 0 and (rows or big) and chunking(inputs.logits, rows, terms) else self.loss_fn
+        chunks = self.task is None and rows != 0 and (rows or big) and chunking(inputs.logits, rows, terms)
+        fn = self.task or (self.chunked_fn if chunks else self.loss_fn)
         out = fn(inputs.logits, inputs.targets, terms=terms, **inputs.captured)
         ramp = self.ramp if train else 1.0
         loss = out.ce
@@ -173,8 +180,7 @@ class CompetitiveGroup:
         terms = {k: v.detach() for k, v in out.terms.items()}
         name, skipped = (None, None) if draw is None else (draw.name if perturbed is not None else None, draw.skipped)
         values = (out.ce.detach(), terms, loss.detach(), out.weights, nonfinite, perturbed, name, skipped, out.valid)
-        result = StepResult(out.teacher, *values)
-        return total, result, inputs.cut
+        return total, StepResult(out.teacher, *values), inputs.cut
 
     models = property(lambda self: self.members.models, doc="The members (a list of nn.Module).")
     optimizers = property(lambda self: self.members.optimizers, doc="``optimizers[i]`` steps ``models[i]``.")
@@ -197,10 +203,7 @@ class CompetitiveGroup:
         """The ``"feature"`` term's adapters ``"i_j"`` (every term's parts: ``group.terms["adm"]``)."""
         return self.parts.terms["feature"].adapters if "feature" in self.parts.terms else nn.ModuleDict()
 
-    @property
-    def stats(self) -> dict[str, Any]:
-        """Counters since construction as Python numbers (reading them syncs with the device)."""
-        return self.parts.counters.summary()
+    stats = property(lambda self: self.parts.counters.summary(), doc="Counters as Python numbers (a device read).")
 
     rule, granularity, fixed_teacher = Fixed(), Fixed(), Fixed()  # fixed when built
     cpu_memory: str | None = None  # what keep_freed_memory() answered at the first CPU step
@@ -220,18 +223,10 @@ class CompetitiveGroup:
 
     def state_dict(self) -> dict[str, Any]:
         """Members, optimizers, the terms' parts (adapters, heads), counters and the generator."""
-        models = [m.state_dict() for m in self.members.models]
-        optimizers = [None if o is None else o.state_dict() for o in self.members.optimizers]
-        return {"models": models, "optimizers": optimizers, **self.parts.group_state()}
+        return self.parts.group_state(with_members=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check.check_state_dict(state_dict, len(self.members))
-        self.parts.load_group_state(state_dict)  # builds the parts first where they do not exist yet
-        for model, state in zip(self.members.models, state_dict["models"]):
-            model.load_state_dict(state)
-        for optimizer, state in zip(self.members.optimizers, state_dict["optimizers"]):
-            if optimizer is not None:
-                optimizer.load_state_dict(state)
+        self.parts.load_group_state(state_dict, with_members=True)  # builds the parts first where needed
 
     def close(self) -> None:
         self.members.close()  # the hooks come off the members

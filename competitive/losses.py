@@ -3,8 +3,7 @@
 :func:`step_losses` is what :class:`~competitive.CompetitiveGroup` runs every step (eagerly, or under
 ``torch.compile(fullgraph=True)``): cross-entropy, the competition (who may teach, the teacher, the
 rule's ``W``, ``W[..., i, j]`` = how much member ``i`` learns from ``j``), then every knowledge term;
-also what every term reads (:class:`StepOutputs`). Nothing here syncs a GPU with the host.
-"""
+also what every term reads (:class:`StepOutputs`). Nothing here syncs a GPU with the host."""
 
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
@@ -28,8 +27,7 @@ def check_rule(rule: str, granularity: str = "batch") -> None:
 
 
 def upcast(x: Tensor) -> Tensor:
-    """``x`` in at least float32, also when the members run in bf16 / fp16 under autocast."""
-    # decided in Python: torch.promote_types is a dispatched op, a step's worth of them adds up
+    """``x`` in at least float32 (members under autocast); decided in Python (promote_types is an op)."""
     return x if x.dtype in _WIDE else x.to(torch.float32)  # a cast on the device, no host read
 
 
@@ -53,6 +51,8 @@ class StepOutputs(NamedTuple):
         features, embeddings (list of Tensor or None): the hooked outputs, ``[B, ...]`` per member.
         valid, teaches_at (BoolTensor or None): ``[N, R]`` rows not ignored (None: all); where ``j`` may teach.
         positions (tuple of int): ``(d1, ..., dk)``; ``()`` for ``[B, C]`` logits.
+        task (str): the task loss (:mod:`competitive.tasks`); with another than ``"ce"``, ``logits`` are
+            the members' outputs and ``log_probs`` empty. ``"member"``: members that give their own loss.
     """
 
     logits: Sequence[Tensor]
@@ -64,10 +64,10 @@ class StepOutputs(NamedTuple):
     valid: Tensor | None = None
     teaches_at: Tensor | None = None
     positions: tuple[int, ...] = ()
+    task: str = "ce"
 
     def hooked(self, need: str) -> Sequence[Tensor]:
-        """``features`` or ``embeddings``, which a term that reads them needs (the group captures both
-        for every term that declares them in ``needs``)."""
+        """``features`` or ``embeddings``, which a term that reads them needs (captured for its ``needs``)."""
         values = self.features if need == "features" else self.embeddings
         if values is None:
             raise ValueError(f"This term reads {need}, but the step has none: give the group hooks for them.")
@@ -75,8 +75,8 @@ class StepOutputs(NamedTuple):
 
 
 class KnowledgeTerm(Protocol):
-    """What the step math calls a term: a name and ``(outputs, W) -> [N]`` (a :class:`~competitive.Term`);
-    a term with ``per_position = True`` gets ``W`` per row of :class:`StepOutputs`, others per sample."""
+    """What the step math calls: a name and ``(outputs, W) -> [N]`` (a :class:`~competitive.Term`; with
+    ``per_position = True`` ``W`` per row of :class:`StepOutputs`, else per sample)."""
 
     @property
     def name(self) -> str: ...
@@ -107,8 +107,8 @@ def cross_entropy(log_probs: Tensor, targets: Tensor) -> Tensor:
 
 
 def competition_score(ce_per_sample: Tensor, targets: Tensor) -> Tensor:
-    """What the members compete on, per row ``[N, R]``: ``KL(label || p) = CE - H(label)``: the CE for
-    hard labels; a member predicting a 50/50 mixed label exactly scores 0, not 0.69."""
+    """What the members compete on, per row ``[N, R]``: ``KL(label || p) = CE - H(label)`` (the CE for hard
+    labels; a member predicting a 50/50 mixed label exactly scores 0, not 0.69)."""
     score = ce_per_sample.detach()
     if targets.dim() == 3:
         score = score + torch.xlogy(targets, targets).sum(dim=-1)

@@ -73,6 +73,7 @@ class Members:
             ),
         }
         self.watch = NonfiniteWatch(skip_nonfinite)
+        self.call: Any = None  # the group's forward=: (member, inputs, targets) -> output
         # which hooked outputs the terms read, and the shapes their parts were built for (set by the group)
         self.needs: list[str] = []
         self.shapes: dict[str, list[tuple[int, ...]]] = {}
@@ -105,7 +106,7 @@ class Members:
         sees, so one that cannot handle ``x`` is refused now."""
         devices, n, class_dim = self.devices, len(self.models), self.class_dim
         member = None if draw is None else draw.member
-        logits = [self._forward(i, x, devices[i]) for i in range(n) if i != member]
+        logits = [self._forward(i, x, devices[i], y) for i in range(n) if i != member]
         layout = check_logits(logits, x.shape[0], [i for i in range(n) if i != member], class_dim)
         if self.shift_targets:  # position t learns the target at t + 1
             layout, y = shift(layout, y)
@@ -125,47 +126,51 @@ class Members:
                 num_classes=layout[0],
                 ignore_index=self.ignore_index,
             )
-            logits.insert(member, self._forward(member, x_p, on))
+            logits.insert(member, self._forward(member, x_p, on, y_p))
             check_logits(logits, x.shape[0], list(range(n)), class_dim)
             targets = member_targets(targets, y_p.to(devices[0]), member, n, layout[0], self.ignore_index)
-        return self._inputs(logits, targets, devices[0], Cut(n) if cut else None)
+        return self.inputs(logits, targets, devices[0], cut)
 
-    def _inputs(self, logits: list[Tensor], targets: Tensor, device: torch.device, cut: "Cut | None") -> StepInputs:
-        cutter = cut if cut is not None else no_cut  # shift_targets: the step math drops the last position
+    def inputs(self, logits: list[Tensor], targets: Any, device: torch.device, cut: bool) -> StepInputs:
+        """The step math's inputs from the members' outputs: with ``cut``, cut from the members' graphs."""
+        cutter: Any = Cut(len(self.models)) if cut else no_cut  # shift_targets: the step math drops the last position
         captured = {}
         for need in self.needs:  # contiguous: a compiled step is several times slower on channels_last maps
             values = self.capture[need].take(need)
             captured[need] = [cutter(i, v).to(device).contiguous() for i, v in enumerate(values)]
         check_shapes(captured, self.shapes, self.fixed)
         logits = [cutter(i, z).to(device) for i, z in enumerate(logits)]
-        return StepInputs(logits, targets, captured, cut)
+        return StepInputs(logits, targets, captured, cutter if cut else None)
 
-    def _forward(self, i: int, x: Tensor, device: torch.device) -> Tensor:
-        x = x.to(device, non_blocking=True)
+    def _forward(self, i: int, x: Tensor, device: torch.device, y: Any = None) -> Tensor:
+        return extract_logits(self.output(i, x, device, y), self.logits_from[i], member=i)
+
+    def output(self, i: int, x: Any, device: torch.device, y: Any = None) -> Any:
+        """Member ``i``'s output on ``x`` (its ``forward=`` call with the targets ``y``, if the group has one)."""
+        x = x.to(device, non_blocking=True) if isinstance(x, Tensor) else x  # other inputs pass as they are
+        model, call = self.models[i], self.call or (lambda m, inputs, _: m(inputs))
         try:
             if self.autocast_dtype is None:
-                output = self.models[i](x)
-            else:
-                with torch.autocast(device.type, dtype=self.autocast_dtype):
-                    output = self.models[i](x)
+                return call(model, x, y)
+            with torch.autocast(device.type, dtype=self.autocast_dtype):
+                return call(model, x, y)
         except IndexError as error:  # an embedding given token ids beyond its vocabulary
-            if x.is_floating_point():
+            if not isinstance(x, Tensor) or x.is_floating_point():
                 raise
             raise ValueError(
                 f"models[{i}] could not embed the token ids of inputs {list(x.shape)} (values in [{int(x.min())}, "
                 f"{int(x.max())}]): {error}. Token ids must lie in [0, vocabulary size) of every member."
             ) from error
-        return extract_logits(output, self.logits_from[i], member=i)
 
-    def probe(self, example_input: Tensor) -> dict[str, list[tuple[int, ...]]]:
+    def probe(self, example_input: Any, targets: Any = None) -> dict[str, list[tuple[int, ...]]]:
         """The shapes (without the batch dim) of the hooked outputs in ``needs``, from one forward of
-        ``example_input`` per member in eval mode, without gradients."""
+        ``example_input`` (with ``targets`` for a ``forward=`` call) per member in eval mode, without gradients."""
         modes = [m.training for m in self.models]
         try:
             with torch.no_grad():
                 for i, model in enumerate(self.models):
                     model.eval()
-                    self._forward(i, example_input, self.devices[i])
+                    self.output(i, example_input, self.devices[i], targets)
             return {need: [tuple(v.shape[1:]) for v in self.capture[need].take(need)] for need in self.needs}
         finally:
             for model, mode in zip(self.models, modes):

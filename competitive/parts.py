@@ -120,18 +120,33 @@ class GroupParts(nn.Module):
             self.build({k: [tuple(s) for s in v] for k, v in state["shapes"].items()})
         self.generator.set_state(state["generator"])
 
-    def group_state(self) -> dict[str, Any]:
-        """The entries of ``CompetitiveGroup.state_dict()`` this module holds (the keys of 0.3.0)."""
-        return {
+    def group_state(self, with_members: bool = False) -> dict[str, Any]:
+        """The entries of ``CompetitiveGroup.state_dict()`` this module holds (the keys of 0.3.0); with
+        ``with_members``, the members' and their optimizers' states too: the group's whole state dict."""
+        state = {
             "shapes": self.shapes,
             "terms": self.terms.state_dict(),
             "counters": self.counters.state_dict(),
             "generator": self.generator.get_state(),
         }
+        if not with_members:
+            return state
+        models = [m.state_dict() for m in self.members.models]
+        optimizers = [None if o is None else o.state_dict() for o in self.members.optimizers]
+        return {"models": models, "optimizers": optimizers, **state}
 
-    def load_group_state(self, state: dict[str, Any]) -> None:
-        """Load :meth:`group_state` (or a whole group's state dict, 0.3.0's included)."""
+    def load_group_state(self, state: dict[str, Any], with_members: bool = False) -> None:
+        """Load :meth:`group_state` (or a whole group's state dict, 0.3.0's included); with ``with_members``
+        the members and their optimizers too (checked first: nothing moves on a bad state dict)."""
+        if with_members:
+            check.check_state_dict(state, len(self.members))
         entries = {"_extra_state": {"generator": state["generator"], "shapes": state["shapes"]}}
         entries |= {f"terms.{k}": v for k, v in state["terms"].items()}
         entries |= {f"counters.{k}": v for k, v in state["counters"].items()}
-        self.load_state_dict(entries)
+        self.load_state_dict(entries)  # builds the parts first where they do not exist yet
+        if with_members:
+            for model, saved in zip(self.members.models, state["models"]):
+                model.load_state_dict(saved)
+            for optimizer, saved in zip(self.members.optimizers, state["optimizers"]):
+                if optimizer is not None:
+                    optimizer.load_state_dict(saved)

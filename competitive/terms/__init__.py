@@ -10,12 +10,14 @@ from .cwd import CWD, cwd_term
 from .feature import FeatureL2
 from .kl import KL
 from .mcl import MCL, ProjectionHead, mcl_loss
+from .output import OutputL2
 
 __all__ = [
     "ADM",
     "CWD",
     "KL",
     "MCL",
+    "OutputL2",
     "TERMS",
     "FeatureL2",
     "ProjectionHead",

@@ -53,6 +53,9 @@ class Term(nn.Module):
     needs: tuple[str, ...] = ()  # a class attribute; an instance may narrow it (CWD(on='logits'))
     per_position: ClassVar[bool] = False
     reads_logits: bool = True  # False: reads hooked outputs only, so it runs beside the chunked step (chunk_rows)
+    # the task losses it serves (competitive.tasks; "callable" for a task_loss of one's own): None, every task
+    # if it reads hooked outputs only (reads_logits False), else "ce" alone
+    tasks: ClassVar[tuple[str, ...] | None] = None
     in_group: bool = False  # set by the group whose parts it joins: a term belongs to one group
 
     def __init__(self, weight: float = 1.0):
@@ -74,6 +77,10 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
+
+    def serves(self, task: str) -> bool:
+        """Whether this term has a form for the task loss ``task`` (``"member"``: members' own losses)."""
+        return (task == "ce" or not self.reads_logits) if self.tasks is None else task in self.tasks
 
 
 # every term a group can name in ``terms=[...]``, filled by @register_term

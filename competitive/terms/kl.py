@@ -5,10 +5,11 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_real
-from .base import StepOutputs, Term, per_sample, register_term, upcast
+from .base import StepOutputs, Term, per_sample, register_term, upcast, weighted
 
 
 def kl_term(
@@ -51,6 +52,24 @@ def kl_term(
         q, teachers = torch.einsum("bij,jbc->ibc", w, p), torch.einsum("bij,jb->ib", w, neg_entropy)
     kl = _mean(teachers - (q * log_probs).sum(dim=-1), valid)
     return kl if temperature == 1 else kl * temperature**2
+
+
+def bernoulli_kl_term(
+    logits: Sequence[Tensor], teaches: Tensor, weights: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """``kl`` for multi-label members (``task_loss="bce"``): per class the KL between Bernoullis,
+    ``tau^2 * sum_j W_ij mean_c KL(s(z_jc / tau) || s(z_ic / tau))`` with ``s`` the sigmoid, averaged over the
+    samples: ``[N]``. Each class is Hinton et al.'s distillation over the two-way softmax of ``(z / tau, 0)``,
+    whose first probability is ``s(z / tau)``; the mean over classes matches ``"bce"``'s reduction. The teacher
+    (``j``) is a target without gradient, and 0 where it may not teach (``teaches`` ``[N, B]``)."""
+    z = torch.stack([upcast(v).flatten(1) for v in logits]) / temperature  # [N, B, C]
+    log_p, log_q = -F.softplus(-z), -F.softplus(z)  # log s(z), log(1 - s(z))
+    mask = teaches.unsqueeze(-1)
+    t_log_p, t_log_q = log_p.detach().where(mask, 0.0), log_q.detach().where(mask, 0.0)
+    t_p = t_log_p.exp().where(mask, 0.0)
+    # pair[i, j, b]: student i towards teacher j on sample b
+    pair = t_p * (t_log_p - log_p.unsqueeze(1)) + (1 - t_p) * (t_log_q - log_q.unsqueeze(1))
+    return weighted(weights, pair.mean(dim=-1)) * temperature**2
 
 
 def _mean(values: Tensor, valid: Tensor | None) -> Tensor:
@@ -201,6 +220,7 @@ class KL(Term):
     """
 
     per_position = True  # reads W per row of StepOutputs
+    tasks = ("ce", "bce")  # the softmax over classes, or per class its Bernoulli (multi-label)
 
     def __init__(
         self, weight: float = 1.0, *, temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5
@@ -219,6 +239,13 @@ class KL(Term):
 
     def forward(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
         teaches = outputs.teaches if outputs.teaches_at is None else outputs.teaches_at
+        if outputs.task == "bce":
+            return bernoulli_kl_term(outputs.logits, teaches, weights, temperature=self.temperature)
+        if outputs.task != "ce":
+            raise ValueError(
+                f"The 'kl' term compares class distributions; task_loss={outputs.task!r} has none. For regression "
+                "use OutputL2 (the mean squared difference to the teacher's output), or terms on hooked features."
+            )
         return kl_term(
             outputs.log_probs,
             teaches,

@@ -150,6 +150,7 @@ class MCL(Term):
     """
 
     needs = ("embeddings",)
+    tasks = ("ce",)  # it contrasts samples by their class
 
     def __init__(
         self,
