@@ -64,3 +64,41 @@ def synthetic_segmentation(
             y[i, top : top + h, left : left + w] = c
             x[i, :, top : top + h, left : left + w] += colours[c].view(3, 1, 1)
     return torch.utils.data.TensorDataset(x, y)
+
+
+def synthetic_shapes(n: int = 64, size: int = 128, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
+    """Detection data: noisy images with 1-3 objects, red-ish filled rectangles (class 1) and blue-ish
+    ellipses (class 2), each with its box ``[x0, y0, x1, y1]``; the images are of different sizes."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        side = int(torch.randint(size - 32, size + 33, (), generator=g))
+        image = torch.rand(3, side, side, generator=g) * 0.3
+        boxes, labels = [], []
+        for _ in range(int(torch.randint(1, 4, (), generator=g))):
+            w, h = (int(v) for v in torch.randint(side // 6, side // 2, (2,), generator=g))
+            x0, y0 = int(torch.randint(0, side - w, (), generator=g)), int(torch.randint(0, side - h, (), generator=g))
+            label = int(torch.randint(1, 3, (), generator=g))
+            colour = torch.tensor([0.9, 0.2, 0.2] if label == 1 else [0.2, 0.3, 0.9]) + 0.1 * torch.rand(3, generator=g)
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            inside = torch.ones(h, w, dtype=torch.bool) if label == 1 else (
+                ((xs - w / 2) / (w / 2)) ** 2 + ((ys - h / 2) / (h / 2)) ** 2 <= 1)  # fmt: skip
+            patch = image[:, y0 : y0 + h, x0 : x0 + w]
+            image[:, y0 : y0 + h, x0 : x0 + w] = torch.where(inside, colour.view(3, 1, 1), patch)
+            boxes.append([x0, y0, x0 + w, y0 + h])
+            labels.append(label)
+        samples.append((image, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}))
+    return samples
+
+
+def synthetic_multilabel(n: int = 256, labels: int = 5, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """Multi-label data: 32 x 32 images holding a coloured square for each of their labels (0-3 of ``labels``),
+    the targets ``[n, labels]`` in {0, 1}."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(labels, 3, generator=g)
+    x, y = torch.randn(n, 3, 32, 32, generator=g) * 0.2, (torch.rand(n, labels, generator=g) < 0.35).float()
+    for i in range(n):
+        for c in y[i].nonzero().flatten().tolist():
+            top, left = (int(v) for v in torch.randint(0, 24, (2,), generator=g))
+            x[i, :, top : top + 8, left : left + 8] = colours[c].view(3, 1, 1)
+    return torch.utils.data.TensorDataset(x, y)

@@ -50,9 +50,9 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/index.md", "docs/guides/lm.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md", "docs/guides/lm.md", "docs/guides/tasks.md"])
 def test_every_python_block_runs(page, tmp_path):
-    if page.endswith("lm.md"):
+    if page.endswith(("lm.md", "tasks.md")):
         pytest.importorskip("transformers")  # the examples extra
     blocks = _python_blocks(ROOT / page)
     assert blocks, f"{page} has no python block"

@@ -91,3 +91,23 @@ def test_every_benchmark_takes_a_device(name):
     script = EXAMPLES.parent / "benchmarks" / f"{name}.py"
     shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
     assert "--device" in shown.stdout
+
+
+def test_detection_pair_competes_on_each_detectors_own_losses():
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("pycocotools")
+    out = _main("detection_pair")(["--smoke", "--settings", "independent,competitive", "--device", "cpu"])
+    for setting in ("independent", "competitive"):
+        run = out[setting][0]
+        assert all(0 <= m <= 1 for m in run["map"]) and all(v == v for v in run["loss"])  # mAP in [0, 1], no NaN
+        assert sum(run["teacher_share"]) == pytest.approx(1.0)
+    # the same initial weights and first batch in both settings: the same losses before any update
+    assert out["independent"][0]["first_loss"] == out["competitive"][0]["first_loss"]
+
+
+def test_multilabel_pair_learns_with_bce_and_the_bernoulli_kl():
+    out = _main("multilabel_pair")(["--smoke", "--device", "cpu"])
+    last = out["last"]
+    assert {"ce/0", "ce/1", "kl/0", "kl/1"} <= set(last) and all(v == v for v in last.values())
+    assert last[f"kl/{int(last['teacher'])}"] == 0  # the teacher learns from its labels only
+    assert all(0 <= f <= 1 for f in out["f1"]) and out["stats"]["steps"] == 4
