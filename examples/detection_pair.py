@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=256, help="training images")
     p.add_argument("--eval", type=int, default=64, help="held-out images (the same for every seed)")
     p.add_argument("--size", type=int, default=96, help="the detectors' input size (min_size = max_size)")
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.003)  # 0.01 took RetinaNet (from scratch) to NaN by step 100
     p.add_argument("--out", type=Path, default=None, help="write results-<seeds>.json here")
     p.add_argument("--report", type=Path, default=None, help="train nothing: the table of the results in a folder")
     add_device(p)
