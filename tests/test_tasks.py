@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from competitive import KL, CompetitiveGroup, FeatureL2, OutputL2, task_losses
+from competitive import ADM, CWD, KL, MCL, CompetitiveGroup, FeatureL2, OutputL2, task_losses
 from competitive.terms.kl import bernoulli_kl_term
 from competitive.terms.output import output_l2_term
 
@@ -136,20 +136,43 @@ def test_kl_refuses_regression_naming_output_l2_and_mcl_refuses_other_tasks():
     for task in ("mse", "l1"):
         with pytest.raises(ValueError, match=r"\['kl'\] have no form for task_loss='" + task + "'.*OutputL2"):
             CompetitiveGroup(nets, optimizers, task_loss=task)
-    with pytest.raises(ValueError, match=r"\['mcl'\] have no form for task_loss='bce'"):
-        CompetitiveGroup(nets, optimizers, task_loss="bce", terms=["mcl"], embedding_hooks=["2", "2"])
+    with pytest.raises(ValueError, match=r"\['cwd'\] have no form for task_loss='bce'"):
+        CompetitiveGroup(nets, optimizers, task_loss="bce", terms=[CWD(on="logits")])
     with pytest.raises(ValueError, match="Invalid task_loss 'hinge'"):
         CompetitiveGroup(nets, optimizers, task_loss="hinge")
 
 
-def test_feature_terms_serve_any_task_loss():
+@pytest.mark.parametrize("task", ["bce", "l1"])
+def test_terms_on_hooked_outputs_serve_any_task_loss(task):
     nets = _nets(3, 3)
-    group = CompetitiveGroup(nets, [torch.optim.SGD(m.parameters(), lr=0.1) for m in nets], task_loss="l1",
-                             terms=[OutputL2(), FeatureL2()], feature_hooks=["1"] * 3, granularity="sample",
+    terms = [OutputL2(), FeatureL2(), ADM(), CWD(), MCL()]
+    group = CompetitiveGroup(nets, [torch.optim.SGD(m.parameters(), lr=0.1) for m in nets], task_loss=task,
+                             terms=terms, feature_hooks=["1"] * 3, embedding_hooks=["2"] * 3, granularity="sample",
                              warmup_steps=0)  # fmt: skip
-    result = group.step((torch.randn(8, 6), torch.randn(8, 3)))
-    assert result.teacher.shape == (8,) and set(result.terms) == {"output_l2", "feature"}
-    assert torch.isfinite(result.loss).all()
+    x, y = torch.randn(8, 6), _targets(task, 8, 3)
+    for _ in range(3):
+        result = group.step((x, y))
+        assert result.teacher.shape == (8,) and set(result.terms) == {t.name for t in terms}
+        assert torch.isfinite(result.loss).all()
+
+
+def test_mcl_without_classes_contrasts_each_sample_with_itself():
+    from competitive import StepOutputs
+
+    torch.manual_seed(6)
+    term = MCL()
+    term.build({"embeddings": [(12,), (12,)]})
+    embeddings = [torch.randn(6, 12) for _ in range(2)]
+    teaches, w = torch.ones(2, 6, dtype=torch.bool), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    empty = torch.zeros(2, 6, 0)
+
+    def value(labels, task):
+        out = StepOutputs([empty[0], empty[1]], empty, labels, teaches, None, embeddings, task=task)
+        return term(out, w)
+
+    instance = value(torch.arange(6).expand(2, -1), "ce")  # every sample of its own class
+    torch.testing.assert_close(value(torch.zeros(2, 6, dtype=torch.long), "mse"), instance)
+    assert not torch.allclose(value(torch.zeros(2, 6, dtype=torch.long), "ce"), instance)  # one class: another loss
 
 
 def _per_sample_abs(output, target):

@@ -26,8 +26,8 @@ def _channel_kl(student: Tensor, teacher: Tensor, tau: float, mask: Tensor | Non
     """``tau^2 / C * sum_c KL(softmax(T_c / tau) || softmax(S_c / tau))`` per sample ``[B]``; maps
     ``[B, C, ...]`` with the positions flattened (a ``[B, C]`` map is one position per channel);
     ``mask`` ``[B, P]``: the positions that count (the others are left out of both softmaxes)."""
-    s = upcast(student).flatten(2) / tau  # [B, C, P]
-    t = upcast(teacher).flatten(2) / tau
+    s = upcast(student).reshape(*student.shape[:2], -1) / tau  # [B, C, P]
+    t = upcast(teacher).reshape(*teacher.shape[:2], -1) / tau
     if mask is not None:  # exp(-1e9 - max) is 0: a left-out position has no mass (nor NaN, all left out)
         s, t = s.masked_fill(~mask.unsqueeze(1), -1e9), t.masked_fill(~mask.unsqueeze(1), -1e9)
     log_t = t.log_softmax(dim=-1)

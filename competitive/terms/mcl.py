@@ -150,7 +150,8 @@ class MCL(Term):
     """
 
     needs = ("embeddings",)
-    tasks = ("ce",)  # it contrasts samples by their class
+    # by class with "ce"; without classes every sample is its own class: the instance contrast
+    tasks = ("ce", "bce", "mse", "l1", "callable", "member")
 
     def __init__(
         self,
@@ -185,7 +186,8 @@ class MCL(Term):
                 f"these logits have positions {list(outputs.positions)}. Use 'kl', 'feature', 'adm' or 'cwd' instead."
             )
         z = [head(upcast(e).flatten(1)) for head, e in zip(self.heads, outputs.hooked("embeddings"))]
-        return mcl_loss(z, outputs.labels, weights, teaches=outputs.teaches, **self.settings)
+        labels = outputs.labels if outputs.task == "ce" else torch.arange(len(z[0]), device=z[0].device)
+        return mcl_loss(z, labels, weights, teaches=outputs.teaches, **self.settings)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
