@@ -64,7 +64,9 @@ def run(setting: str, seed: int, args) -> dict:
         nets, optimizers, rule="best" if competitive else "independent", terms=[CWD(2.0)] if competitive else [],
         feature_hooks=HOOKS if competitive else None, forward=lambda m, images, targets: m(images, targets),
         loss_from=lambda losses: sum(losses.values()), seed=seed, warmup_steps=args.steps // 4,
+        example_input=[torch.rand(3, args.size, args.size, device=args.device)],  # the adapter, built now
     )  # fmt: skip
+    torch.manual_seed(seed)  # the detectors' own sampling draws from here: the same in every setting
     train, test = synthetic_shapes(args.images, args.size, 100 + seed), synthetic_shapes(args.eval, args.size, 7)
     order = torch.Generator().manual_seed(seed)  # the same batches in every setting of a seed
     log = []
