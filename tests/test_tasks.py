@@ -282,3 +282,22 @@ def test_a_detector_pair_trains_with_cwd_on_fpn_maps():
         result = group.step((images, targets))
         assert torch.isfinite(result.ce).all() and torch.isfinite(result.terms["cwd"]).all()
         assert result.terms["cwd"][result.teacher] == 0 and result.terms["cwd"][1 - result.teacher] > 0
+
+
+@pytest.mark.parametrize("task", ["bce", "mse", "l1"])
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_a_member_with_a_nonfinite_output_never_teaches_there(task, granularity):
+    torch.manual_seed(7)
+    outputs = [torch.randn(5, 3, requires_grad=True) for _ in range(3)]
+    targets = _targets(task, 5, 3)
+    with torch.no_grad():
+        outputs[0][2, 1] = math.nan  # member 0 has the lowest loss elsewhere ...
+        outputs[0][[0, 1, 3, 4]] = targets[[0, 1, 3, 4]] * 20 - 10 if task == "bce" else targets[[0, 1, 3, 4]]
+    result = task_losses(outputs, targets, task=task, rule="mutual", granularity=granularity, terms=[OutputL2()])
+    if granularity == "sample":  # it teaches the samples where it is finite and the best
+        assert result.teacher[2] != 0 and (result.teacher[[0, 1, 3, 4]] == 0).all()
+    else:  # its batch score is not finite: it teaches nothing
+        assert result.teacher != 0
+    w = result.weights if granularity == "sample" else result.weights.expand(5, 3, 3)
+    assert (w[2, :, 0] == 0).all()  # ... but nobody learns from its sample 2 (mutual: from every finite peer)
+    assert torch.isfinite(result.terms["output_l2"][1:]).all()
