@@ -148,12 +148,12 @@ class Members:
     def output(self, i: int, x: Any, device: torch.device, y: Any = None) -> Any:
         """Member ``i``'s output on ``x`` (its ``forward=`` call with the targets ``y``, if the group has one)."""
         x = x.to(device, non_blocking=True) if isinstance(x, Tensor) else x  # other inputs pass as they are
-        model, call = self.models[i], self.call or (lambda m, inputs, _: m(inputs))
+        model = self.models[i]
         try:
-            if self.autocast_dtype is None:
-                return call(model, x, y)
+            if self.autocast_dtype is None:  # no context: an autocast the caller entered stays in force
+                return model(x) if self.call is None else self.call(model, x, y)
             with torch.autocast(device.type, dtype=self.autocast_dtype):
-                return call(model, x, y)
+                return model(x) if self.call is None else self.call(model, x, y)
         except IndexError as error:  # an embedding given token ids beyond its vocabulary
             if not isinstance(x, Tensor) or x.is_floating_point():
                 raise
