@@ -64,4 +64,4 @@ __all__ = [
     "token_operations",
 ]
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
