@@ -10,10 +10,12 @@ from torch import Tensor, nn
 
 from . import _validation as check
 from ._deprecated import Fixed, Moved, forward_deprecated
+from .capture import check_graphable
 from .chunked import AUTO_VALUES, chunking
 from .chunked import chunked_losses as chunked
 from .distributed import default_seed, global_mean
 from .features import HookSpec, LogitsSpec
+from .graphs import StepGraphs
 from .losses import step_losses
 from .members import Members
 from .memory import keep_freed_memory
@@ -61,6 +63,7 @@ class CompetitiveGroup:
             ``"l1"``, or ``(output, target) -> loss per sample [B]`` (:mod:`competitive.tasks`).
         forward (callable, optional): ``(member, inputs, targets) -> output``; default ``member(inputs)``.
         loss_from (optional): the member's own loss in its output (a key, attribute or callable), per batch.
+        cuda_graph (bool): capture the whole step in CUDA graphs and replay them (:mod:`competitive.graphs`).
         **deprecated: ``alpha``, ``temperature``, ``beta``, ``perturb_prob``: forwarded with a warning.
 
     Example:
@@ -90,13 +93,15 @@ class CompetitiveGroup:
         example_input: Tensor | None = None,
         process_group: "torch.distributed.ProcessGroup | None" = None, keep_cpu_memory: bool = True,
         task_loss: str | TaskLoss = "ce", forward: Callable[[nn.Module, Any, Any], Any] | None = None,
-        loss_from: str | Callable[[Any], Tensor] | None = None,
+        loss_from: str | Callable[[Any], Tensor] | None = None, cuda_graph: bool = False,
         **deprecated: Any,
     ):
         n = check.check_members(models, optimizers, feature_hooks, embedding_hooks)  # every argument, before any hook
         layout: dict[str, Any] = dict(class_dim=class_dim, ignore_index=ignore_index, shift_targets=shift_targets)
         c = check.settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
         check.check_member_settings(None, False, chunk_rows=chunk_rows)
+        graphed = check_graphable(cuda_graph, optimizers, process_group=process_group, skip_nonfinite=skip_nonfinite,
+                                  forward=forward, loss_from=loss_from)
         built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
         self.members = Members(
             models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite, **layout
@@ -111,6 +116,7 @@ class CompetitiveGroup:
         self.task = None if task_loss == "ce" and loss_from is None else Task(
             task_loss, loss_from, built, kw, compile=c, perturbation=perturbation, chunk_rows=chunk_rows)
         self.members.call = check.check_forward(forward)
+        self.graphs = StepGraphs(self) if graphed else None
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its
@@ -121,6 +127,8 @@ class CompetitiveGroup:
                 "step() was called with gradients disabled (inside torch.no_grad() or inference_mode()), so "
                 "no member can learn. Call step() outside it; for validation use group.evaluate(batch)."
             )
+        if self.graphs is not None:
+            return self.graphs.step(batch, scaler)
         total, result, cut = self._run(batch, train=True, cut=True)
         self.members.backward_and_step(total, cut, result.nonfinite, scaler)
         return result
@@ -150,33 +158,35 @@ class CompetitiveGroup:
             self.members.clear()
             raise
 
-    def _losses(self, x: Tensor, y: Tensor, train: bool, cut: bool) -> tuple[Tensor, StepResult, Any]:
-        device = self.members.device
+    def _losses(self, x: Tensor, y: Tensor, train: bool, cut: bool, draw: Any = None,
+                ramp: Tensor | None = None) -> tuple[Tensor, StepResult, Any]:
+        # draw, ramp: given by a CUDA graph's step (competitive.graphs): a ramp on the device keeps the host out
+        device, host = self.members.device, ramp is None
         if self.parts.counters.last_teacher.device != device:  # the members moved (e.g. a trainer's .to())
             self.parts.to(device)
         if self.parts.shapes is None:  # no example_input: size the parts from this batch first
             self.parts.build(self.members.probe(x[:2]) if self.task is None else self.members.probe(x, y))
         pool = self.perturbation if train else None
-        if train:
+        if train and host:
             self.members.watch.poll()
             if self.keep_cpu_memory and self.cpu_memory is None and device.type == "cpu":
                 self.cpu_memory = keep_freed_memory()
-        draw = pool.draw(self.parts.generator, len(self.members), x, y) if pool is not None else None
+        if draw is None and pool is not None:
+            draw = pool.draw(self.parts.generator, len(self.members), x, y)
         inputs = self.members.forward(x, y, draw, pool, cut) if self.task is None else self.task.forward(
             self.members, x, y, cut)  # another task loss, or members that give their own: competitive.tasks
         big, rows, terms = inputs.logits[0].numel() > AUTO_VALUES, self.chunk_rows, self.terms
         chunks = self.task is None and rows != 0 and (rows or big) and chunking(inputs.logits, rows, terms)
         fn = self.task or (self.chunked_fn if chunks else self.loss_fn)
         out = fn(inputs.logits, inputs.targets, terms=terms, **inputs.captured)
-        ramp = self.ramp if train else 1.0
-        loss = out.ce
+        scale, loss = (self.ramp if train else 1.0) if ramp is None else ramp, out.ce
         for term in cast(Iterable[Term], self.parts.terms):  # a TermList holds Terms
-            loss = loss + (ramp * term.weight) * out.terms[term.name]
+            loss = loss + (scale * term.weight) * out.terms[term.name]
         # NaN or inf: x - x is 0 exactly for every finite x (two ops where isfinite dispatches five)
         nonfinite, total, perturbed = loss - loss != 0, loss.sum(), None if draw is None else draw.member
         if train:
-            self.members.watch_losses(total, nonfinite, step=self.parts.counters.steps + 1)
-            _count(self.parts.counters, out.teacher, out.valid, nonfinite, perturbed)
+            self.members.watch_losses(total, nonfinite, step=self.parts.counters.steps + 1, watch=host)
+            _count(self.parts.counters, out.teacher, out.valid, nonfinite, perturbed, host)
         terms = {k: v.detach() for k, v in out.terms.items()}
         name, skipped = (None, None) if draw is None else (draw.name if perturbed is not None else None, draw.skipped)
         values = (out.ce.detach(), terms, loss.detach(), out.weights, nonfinite, perturbed, name, skipped, out.valid)
@@ -193,15 +203,10 @@ class CompetitiveGroup:
     device = property(lambda self: self.members.device, doc="Where the step math runs: the first member's.")
     steps = property(lambda self: self.parts.counters.steps, doc="Steps taken since construction (an int).")
 
-    @property
-    def ramp(self) -> float:
-        """The factor on every term's weight at the next step (``warmup_steps``)."""
-        return min(1.0, self.parts.counters.steps / self.warmup_steps) if self.warmup_steps else 1.0
-
-    @property
-    def adapters(self) -> nn.ModuleDict:
-        """The ``"feature"`` term's adapters ``"i_j"`` (every term's parts: ``group.terms["adm"]``)."""
-        return self.parts.terms["feature"].adapters if "feature" in self.parts.terms else nn.ModuleDict()
+    ramp = property(lambda self: min(1.0, self.steps / self.warmup_steps) if self.warmup_steps else 1.0,
+                    doc="The factor on every term's weight at the next step (``warmup_steps``), a float.")
+    adapters = property(lambda self: self.terms["feature"].adapters if "feature" in self.terms else nn.ModuleDict(),
+                        doc="The feature term's adapters ``'i_j'`` (every term's parts: ``group.terms['adm']``).")
 
     stats = property(lambda self: self.parts.counters.summary(), doc="Counters as Python numbers (a device read).")
 
@@ -235,8 +240,9 @@ class CompetitiveGroup:
     __exit__ = lambda self, *exc: self.close()  # noqa: E731
 
 
-def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tensor, perturbed: int | None) -> None:
-    """One step into the counters (``parts.counters``), on the device, in a few ops: no host read."""
+def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tensor, perturbed: int | None,
+           host: bool = True) -> None:
+    """One step into the counters, on the device, in a few ops: no host read (``host``: count it in ``steps``)."""
     if teacher.dim() == 0:  # one teacher per batch (-1: none)
         share, batch_teacher = teacher == counters.members, teacher
     else:  # per sample or position: the share of the valid ones each member taught
@@ -251,4 +257,4 @@ def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tens
     if perturbed is not None:
         counters.perturbed_count[perturbed] += 1
         counters.perturbed_wins += share[perturbed]
-    counters.steps += 1
+    counters.steps += host

@@ -74,6 +74,7 @@ class Members:
         }
         self.watch = NonfiniteWatch(skip_nonfinite)
         self.call: Any = None  # the group's forward=: (member, inputs, targets) -> output
+        self.autocast_cache = True  # autocast's cast cache (off in a CUDA graph's capture)
         # which hooked outputs the terms read, and the shapes their parts were built for (set by the group)
         self.needs: list[str] = []
         self.shapes: dict[str, list[tuple[int, ...]]] = {}
@@ -152,7 +153,7 @@ class Members:
         try:
             if self.autocast_dtype is None:  # no context: an autocast the caller entered stays in force
                 return model(x) if self.call is None else self.call(model, x, y)
-            with torch.autocast(device.type, dtype=self.autocast_dtype):
+            with torch.autocast(device.type, dtype=self.autocast_dtype, cache_enabled=self.autocast_cache):
                 return model(x) if self.call is None else self.call(model, x, y)
         except IndexError as error:  # an embedding given token ids beyond its vocabulary
             if not isinstance(x, Tensor) or x.is_floating_point():
@@ -187,15 +188,17 @@ class Members:
         static = self.capture["embeddings"].static_shapes() if self.needs == ["embeddings"] else None
         return None if static is None else {"embeddings": static}
 
-    def watch_losses(self, total: Tensor, nonfinite: Tensor, step: int) -> None:
-        """Before anything moves: some member must be trainable, and (on the CPU, at once) some loss finite."""
+    def watch_losses(self, total: Tensor, nonfinite: Tensor, step: int, watch: bool = True) -> None:
+        """Before anything moves: some member must be trainable, and (on the CPU, at once) some loss finite
+        (``watch``: a CUDA graph's step reads its flags after the replay)."""
         if not total.requires_grad:
             raise RuntimeError(
                 "No member has a trainable parameter in this step's graph (every parameter has "
                 "requires_grad=False), so step() cannot update anything. Unfreeze at least one member."
             )
-        self.watch.watch(nonfinite, step=step)
-        self.watch.poll()
+        if watch:
+            self.watch.watch(nonfinite, step=step)
+            self.watch.poll()
 
     def backward_and_step(self, total: Tensor, cut: "Cut", nonfinite: Tensor, scaler: Any = None) -> None:
         """The step math's backward, then per member: backward from its outputs, optimizer step,

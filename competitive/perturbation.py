@@ -29,12 +29,12 @@ DEFAULT_P = 0.1  # the authors' code perturbs every tenth batch (``if i_batch % 
 
 
 class Draw(NamedTuple):
-    """One step's draw: ``member`` sees ``operation`` (its index; ``name``) run from ``seed``; ``member`` is
-    None when the step perturbs nobody, and ``skipped`` says why a drawn operation was not applied."""
+    """One step's draw: ``member`` sees ``operation`` (its index; ``name``) run from ``seed`` (None: the device's
+    generator as it stands); ``member`` is None when nobody is perturbed; ``skipped``: why a drawn operation was not."""
 
     member: int | None
     operation: int
-    seed: int
+    seed: int | None
     name: str
     skipped: str | None = None
 
@@ -161,7 +161,7 @@ class PerturbationPool(nn.Module):
         return f"p={self.p}, operations={self.names}"
 
     def perturb(
-        self, index: int, x: Tensor, y: Tensor, *, seed: int, num_classes: int, ignore_index: int = -100
+        self, index: int, x: Tensor, y: Tensor, *, seed: int | None, num_classes: int, ignore_index: int = -100
     ) -> tuple[Tensor, Tensor]:
         """Apply operation ``index`` to the batch ``(x, y)``, deterministically from ``seed``.
 
@@ -180,9 +180,9 @@ class PerturbationPool(nn.Module):
             raise ValueError(f"Perturbation {name!r} mixes images and needs a batch of at least 2; got {x.shape[0]}.")
         if x.device.type != "cpu":
             draws_on(op, x)
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=x.device.type):
-            torch.manual_seed(seed)
+        devices = [x.device] if x.device.type == "cuda" else []  # seed None: a CUDA graph seeds it before a replay
+        with torch.random.fork_rng(devices=devices, device_type=x.device.type, enabled=seed is not None):
+            torch.manual_seed(seed) if seed is not None else None
             try:
                 if y.dim() > 1 and kind != "pair":  # dense targets move with the image
                     return _checked_dense(perturb_dense(op, kind, x, y, num_classes, ignore_index), x, y, name, kind)
