@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 
-def check_graphable(cuda_graph: Any, optimizers: Sequence[Any], **options: Any) -> bool:
-    """Whether the group captures its step; refuses, naming the option, what a CUDA graph cannot hold.
-    ``options``: ``process_group``, ``skip_nonfinite``, ``forward``, ``loss_from`` as given to the group."""
+def check_graphable(
+    cuda_graph: Any, optimizers: Sequence[Any], process_group: Any, skip_nonfinite: Any, forward: Any, loss_from: Any
+) -> bool:
+    """Whether the group captures its step; refuses, naming the option, what a CUDA graph cannot hold (the
+    arguments are the group's of the same names)."""
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"Invalid cuda_graph value {cuda_graph!r} provided. Please provide True or False.")
     if not cuda_graph:
@@ -24,7 +26,8 @@ def check_graphable(cuda_graph: Any, optimizers: Sequence[Any], **options: Any) 
         "forward": "a forward= call takes inputs of any structure, and the graph copies tensors",
         "loss_from": "a member's own loss takes inputs of any structure, and the graph copies tensors",
     }
-    given = [name for name in why if options.get(name) not in (None, False)]
+    options = dict(process_group=process_group, skip_nonfinite=skip_nonfinite, forward=forward, loss_from=loss_from)
+    given = [name for name in why if options[name] is not None and options[name] is not False]
     if given:
         raise ValueError(
             f"cuda_graph=True cannot be combined with {given[0]}={options[given[0]]!r}: {why[given[0]]}. "

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,9 +42,6 @@ from torch import Tensor
 from .capture import LearningRates, default_generator, sync_watch
 from .perturbation import Draw
 from .result import StepResult
-
-if TYPE_CHECKING:
-    from .group import CompetitiveGroup
 
 WARMUP_STEPS = 3  # eager steps before the first capture (cuDNN's and the optimizers' lazy set-up)
 NO_DRAW = Draw(None, 0, 0, "")  # the step perturbs nobody
@@ -56,7 +53,7 @@ class StepGraphs:
     captured; default: in a ``torch.cuda.CUDAGraph`` (all of a group's graphs share one memory pool).
     ``replay()`` runs the captured body on the static inputs and returns its (static) result."""
 
-    def __init__(self, group: "CompetitiveGroup", capture: Callable[[Body], Body] | None = None):
+    def __init__(self, group: Any, capture: Callable[[Body], Body] | None = None):
         self.group, self.capture = group, capture
         group.members.autocast_cache = False  # a capture needs autocast's cast cache off (torch's CUDA graph notes)
         self.graphs: dict[tuple[Any, ...], Callable[[], StepResult]] = {}
@@ -127,6 +124,7 @@ class StepGraphs:
             total, result, cut = group._losses(x, y, train=True, cut=True, draw=draw)
             group.members.backward_and_step(total, cut, result.nonfinite, None)
         self.seen.add(key)
+        assert isinstance(result, StepResult)
         self.eager_steps += 1
         if syncs:
             self._fail(key, f"the step synchronizes with the host at {syncs[0]}", draw)
@@ -153,6 +151,7 @@ class StepGraphs:
             total, result, cut = group._losses(x, y, train=True, cut=True, draw=captured_draw, ramp=ramp)
             group.members.backward_and_step(total, cut, result.nonfinite, None)
             steps.add_(1)
+            assert isinstance(result, StepResult)
             return result
 
         try:

@@ -100,12 +100,10 @@ class CompetitiveGroup:
         layout: dict[str, Any] = dict(class_dim=class_dim, ignore_index=ignore_index, shift_targets=shift_targets)
         c = check.settings(rule, granularity, warmup_steps, fixed_teacher, seed, compile, keep_cpu_memory, n, layout)
         check.check_member_settings(None, False, chunk_rows=chunk_rows)
-        graphed = check_graphable(cuda_graph, optimizers, process_group=process_group, skip_nonfinite=skip_nonfinite,
-                                  forward=forward, loss_from=loss_from)
+        graphed = check_graphable(cuda_graph, optimizers, process_group, skip_nonfinite, forward, loss_from)
         built = forward_deprecated(deprecated, perturbation, terms, (feature_hooks, embedding_hooks))
-        self.members = Members(
-            models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype, skip_nonfinite, **layout
-        )
+        self.members = Members(models, optimizers, feature_hooks, embedding_hooks, logits_from, autocast_dtype,
+                               skip_nonfinite, **layout)
         self.seed, self.warmup_steps = (seed if seed is not None else default_seed(process_group)), warmup_steps
         self.parts = GroupParts(built, self.members, self.seed, process_group, example_input)
         self.perturbation, self.process_group, self.keep_cpu_memory = perturbation, process_group, keep_cpu_memory
@@ -115,8 +113,7 @@ class CompetitiveGroup:
         self.chunk_rows, self.chunked_fn = chunk_rows, partial(chunked, **kw, chunk_rows=chunk_rows, compile=c)
         self.task = None if task_loss == "ce" and loss_from is None else Task(
             task_loss, loss_from, built, kw, compile=c, perturbation=perturbation, chunk_rows=chunk_rows)
-        self.members.call = check.check_forward(forward)
-        self.graphs = StepGraphs(self) if graphed else None
+        self.members.call, self.graphs = check.check_forward(forward), (StepGraphs(self) if graphed else None)
 
     def step(self, batch: tuple[Tensor, Tensor], *, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One iteration (paper Eq. 5): the losses, then per member its backward from its outputs and its
