@@ -12,6 +12,7 @@ change. Writes ``results.json``, ``fig3a.png`` (per-member CE over steps, teache
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -114,6 +115,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the step math (compile=True)")
     p.add_argument("--amp", choices=("bf16",), help="members' forwards under bf16 autocast (no GradScaler needed)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="the whole step as CUDA graphs (cuda_graph=True): fused SGD, the cosine as LambdaLR (no host read)",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>)")
     p.add_argument(
         "--jobs",
@@ -169,7 +175,10 @@ def run(setting: str, seed: int, data, args) -> dict:
         built.append(build(name, args.classes))
     models = [m.to(device).to(memory_format=torch.channels_last) for m, _ in built]
     optimizers = [
-        torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+        torch.optim.SGD(
+            m.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay,
+            fused=True if args.cuda_graph else None,
+        )
         for m in models
     ]
     train = DeviceLoader(
@@ -201,10 +210,14 @@ def run(setting: str, seed: int, data, args) -> dict:
         seed=seed,
         compile=args.compile,
         autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None,
+        cuda_graph=args.cuda_graph,
         example_input=data["train"][0][:2].to(device).float() if features or "mcl" in terms else None,
     )
     total = args.epochs * len(train)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total) for o in optimizers]
+    if args.cuda_graph:  # the same cosine in closed form: CosineAnnealingLR's recursion reads a tensor lr back
+        cosine = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))  # noqa: E731
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, cosine) for o in optimizers]
     if args.lr_warmup:
         schedulers = [
             torch.optim.lr_scheduler.SequentialLR(

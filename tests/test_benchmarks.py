@@ -164,3 +164,17 @@ def test_jobs_must_be_positive():
 
     with pytest.raises(SystemExit):
         train.parse_args(["--jobs", "0"])
+
+
+def test_graph_benchmark_times_the_group_against_its_members_steps(tmp_path):
+    import json
+
+    import step_graph
+
+    step_graph.main(["--device", "cpu", "--groups", "2 x resnet8", "--batch", "4", "--warmup", "1", "--steps", "2",
+                     "--out", str(tmp_path)])  # fmt: skip
+    data = json.loads((tmp_path / "graph.json").read_text())
+    rows = data["group"]["2 x resnet8"]
+    assert list(rows) == ["(a) limit, eager", "(c) group, eager"]  # the graphed variants need CUDA
+    assert rows["(a) limit, eager"]["ratio"] == 1.0 and len(rows["(c) group, eager"]["samples_ms"]) == 2
+    assert data["setup"]["timing"] == "perf_counter"
