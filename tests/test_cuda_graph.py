@@ -150,8 +150,9 @@ def test_cuda_graph_refuses_members_off_the_gpu_before_anything_moves():
         dict(terms="kl-feature", hooks=True, warmup_steps=8),
         dict(rule="mutual", granularity="sample", warmup_steps=0),
         dict(optimizer="adam_on_cuda"),
+        dict(pool=True, compile={"backend": "aot_eager"}),
     ],
-    ids=["kl", "pool", "pool-3", "kl-feature-warmup", "mutual-sample", "adam"],
+    ids=["kl", "pool", "pool-3", "kl-feature-warmup", "mutual-sample", "adam", "compiled"],
 )
 def test_cuda_graph_host_logic_matches_eager(setting):
     """Same teacher, perturbation, losses and counters at every step; same parameters after."""
@@ -258,6 +259,24 @@ def test_cuda_graph_refuses_a_scaler_and_batches_that_are_not_tensors():
     with pytest.raises(TypeError, match=r"pair of tensors"):
         group.step((x, [int(t) for t in y]))
     assert group.steps == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_cuda_graph_seeding_the_device_generator_gives_each_operation_its_seeded_draws(device):
+    """What a perturbed graph's replay relies on: the device's generator seeded with the draw's seed, then the
+    operation run without a seed (as captured), gives the eager step's draws, for every default operation."""
+    from competitive.capture import default_generator
+
+    pool = PerturbationPool()
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 24, 24, generator=generator).to(device)
+    y = torch.randint(0, 10, (6,), generator=generator).to(device)
+    for index, name in enumerate(pool.names):
+        seeded = pool.perturb(index, x, y, seed=11 + index, num_classes=10)
+        default_generator(x.device).manual_seed(11 + index)
+        unseeded = pool.perturb(index, x, y, seed=None, num_classes=10)
+        for a, b in zip(seeded, unseeded):
+            assert torch.equal(a, b), name
 
 
 # ---------------------------------------------------------------- on a GPU: real captures
