@@ -14,7 +14,8 @@ How a step runs (:class:`StepGraphs`):
   eager step seeds it, so the operation's parameters are drawn on the device inside the graph and a
   seeded run repeats.
 * A graph is captured the first time its step comes after warm-up: the first ``WARMUP_STEPS`` steps,
-  and the first step of each graph, run eagerly on a side stream (they are real steps). The step count
+  and the first step of each graph, run eagerly on a side stream (they are real steps; after the group's
+  first, under CUDA's sync debug mode, which names where a step reads the host). The step count
   and the terms' warm-up ramp live on the device; the learning rate too (a float learning rate becomes
   a one-element tensor on the members' device at the first capture, which ``torch.optim.lr_scheduler``
   fills in place; a float assigned later is copied into it).
@@ -119,7 +120,8 @@ class StepGraphs:
 
     def _eager(self, key: tuple[Any, ...], x: Tensor, y: Tensor, draw: Draw) -> StepResult:
         group = self.group
-        checking = self.capture is None and key not in self.seen and key not in self.failed
+        # where the step reads the host (not in the group's first step: it builds the parts, tries every operation)
+        checking = self.capture is None and key not in self.failed and group.steps > 0
         with self._side_stream(), sync_watch(checking) as syncs:
             total, result, cut = group._losses(x, y, train=True, cut=True, draw=draw)
             group.members.backward_and_step(total, cut, result.nonfinite, None)
