@@ -199,9 +199,13 @@ class StepGraphs:
     def _cuda_capture(self, body: Callable[[], StepResult]) -> Callable[[], StepResult]:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = body()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = body()
+        except BaseException:
+            torch.cuda.set_stream(stream)  # a failed capture_end() leaves the capture's stream current
+            raise
 
         def replay() -> StepResult:
             graph.replay()
