@@ -244,17 +244,19 @@ class StepGraphs:
         self.graphs.clear()
         self.seen.clear()
         self.eager_steps, self.fingerprint = 0, None
-        self._warn_once("drop", f"cuda_graph: {why}; the step is warmed up and captured again.")
+        self._warn_once("drop", f"cuda_graph: {why}; the step is warmed up and captured again.", stacklevel=5)
 
     def _fail(self, key: tuple[Any, ...], why: str, draw: Draw) -> None:
         self.failed[key] = why
         step = f"the step perturbing member {draw.member} by {draw.name!r}" if draw.member is not None else "the step"
         self._warn_once(
             "fail", f"cuda_graph: {step} runs eagerly: {why}. Any other step that cannot be captured does too "
-            "(said once; group.graphs.failed lists them)."
+            "(said once; group.graphs.failed lists them).",
+            stacklevel=6,
         )
 
-    def _warn_once(self, what: str, message: str) -> None:
+    def _warn_once(self, what: str, message: str, stacklevel: int) -> None:
+        """``stacklevel``: frames up to the caller of ``group.step()``."""
         if what not in self.warned:
             self.warned.add(what)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)

@@ -238,7 +238,8 @@ def test_cuda_graph_a_batch_of_a_new_shape_is_captured_anew_once():
     _same_steps(eager, graphed, _batches(6))
     with pytest.warns(RuntimeWarning, match=r"inputs \[3, 6\] and targets \[3\].*captured anew, once") as caught:
         _same_steps(eager, graphed, _batches(4, batch=3) + _batches(2))
-    assert len([w for w in caught if "anew" in str(w.message)]) == 1
+    said = [w for w in caught if "anew" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
     assert {key[0][0] for key in graphed.graphs.graphs} == {(8, 6), (3, 6)}
 
 
@@ -247,7 +248,8 @@ def test_cuda_graph_a_failed_capture_leaves_that_step_eager_said_once():
     graphed = _group(pool=_pool(), graphed=True, capture=StaticCapture(fail_when=lambda captures: captures >= 1))
     with pytest.warns(RuntimeWarning, match=r"runs eagerly: capturing it failed \(RuntimeError") as caught:
         _same_steps(eager, graphed, _batches(30))
-    assert len([w for w in caught if "runs eagerly" in str(w.message)]) == 1
+    said = [w for w in caught if "runs eagerly" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__  # said at the caller of group.step()
     assert len(graphed.graphs.graphs) == 1 and graphed.graphs.failed
 
 
