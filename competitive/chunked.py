@@ -256,3 +256,15 @@ def chunked_losses(
     if granularity == "position" and positions:  # in the layout of the targets: [B, d1..dk]
         teacher, weights, has = (t.view(batch, *positions, *t.shape[1:]) for t in (teacher, weights, has))
     return StepLosses(ce, {t.name: values[t.name] for t in terms}, teacher, weights, has)
+
+
+def overwritten_logits(error: BaseException) -> RuntimeError | None:
+    """What a member's failed backward means when it read logits whose gradients the step math over
+    chunks wrote over them (autograd's "modified by an inplace operation"); None for another error."""
+    if "modified by an inplace operation" not in str(error):
+        return None
+    return RuntimeError(
+        "A member's backward reads its logits (e.g. a model that returns log_softmax), but the step math "
+        "over chunks (chunk_rows, or None with a large vocabulary) wrote the logits' gradients over them. "
+        "Pass chunk_rows=0 to the group, or return the logits before any such op."
+    )

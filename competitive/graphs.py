@@ -9,10 +9,11 @@ optimizer step, in one launch.
 How a step runs (:class:`StepGraphs`):
 
 * The host draws the step's perturbation from the group's generator, as an eager step does (no sync),
-  and picks a graph by it: one for the unperturbed step, one per (perturbed member, operation) drawn.
-  Before replaying a perturbed graph the device's generator is seeded with the draw's seed, as the
-  eager step seeds it, so the operation's parameters are drawn on the device inside the graph and a
-  seeded run repeats.
+  and picks a graph by it: one for the unperturbed step, one per operation drawn. The perturbed member
+  is a one-element tensor on the device, filled before the replay: every member forwards
+  ``where(member == i, x', x)`` (:func:`forward_chosen_on_device`). Before replaying a perturbed graph
+  the device's generator is seeded with the draw's seed, as the eager step seeds it, so the operation's
+  parameters are drawn on the device inside the graph and a seeded run repeats.
 * A graph is captured the first time its step comes after warm-up: the first ``WARMUP_STEPS`` steps,
   and the first step of each graph, run eagerly on a side stream (they are real steps; after the group's
   first, under CUDA's sync debug mode, which names where a step reads the host). The step count
@@ -35,12 +36,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from .capture import LearningRates, default_generator, sync_watch
+from .features import check_logits, check_targets, shift
+from .operations import member_targets
 from .perturbation import Draw
 from .result import StepResult
 
@@ -61,6 +64,8 @@ class StepGraphs:
         self.seen: set[tuple[Any, ...]] = set()  # the keys whose step ran eagerly once
         self.failed: dict[tuple[Any, ...], str] = {}  # keys that stay eager, and why
         self.inputs: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}  # static (x, y) per batch signature
+        self.layouts: dict[tuple[Any, ...], Any] = {}  # the members' output layout per batch signature
+        self.member: Tensor | None = None  # the perturbed member of a replay, on the device
         self.lrs = LearningRates(group.optimizers)
         self.eager_steps, self.known = 0, -1
         self.steps: Tensor | None = None  # the step count on the device
@@ -93,7 +98,7 @@ class StepGraphs:
         try:
             pool = group.perturbation
             draw = pool.draw(group.parts.generator, len(group.members), x, y) if pool is not None else NO_DRAW
-            key = (signature, draw.member, None if draw.member is None else draw.operation)
+            key = (signature, None if draw.member is None else draw.operation)
             if key not in self.graphs and key not in self.failed and self._ready(key):
                 self._capture(key, draw)
             if key in self.graphs:
@@ -126,6 +131,7 @@ class StepGraphs:
             total, result, cut = group._losses(x, y, train=True, cut=True, draw=draw)
             group.members.backward_and_step(total, cut, result.nonfinite, None)
         self.seen.add(key)
+        self.layouts[key[0]] = group.members.layout
         assert isinstance(result, StepResult)
         self.eager_steps += 1
         if syncs:
@@ -144,7 +150,11 @@ class StepGraphs:
             self.inputs[key[0]] = (torch.empty(key[0][0], dtype=key[0][1], device=device),
                                    torch.empty(key[0][2], dtype=key[0][3], device=device))
         x, y = self.inputs[key[0]]
-        captured_draw = draw._replace(seed=None)  # the generator is seeded before each replay
+        if self.member is None:
+            self.member = torch.zeros((), dtype=torch.long, device=device)
+        group.members.layout = self.layouts[key[0]]
+        # the member is filled and the generator seeded before each replay
+        captured_draw = draw._replace(seed=None, member=None if draw.member is None else self.member)
 
         warm = group.warmup_steps
 
@@ -171,6 +181,8 @@ class StepGraphs:
         static_x.copy_(x, non_blocking=True)
         static_y.copy_(y, non_blocking=True)
         self._sync_steps()
+        if draw.member is not None and self.member is not None:
+            self.member.fill_(draw.member)
         generator = default_generator(static_x.device)
         saved = None if draw.member is None else generator.get_state()
         if draw.seed is not None and saved is not None:
@@ -183,7 +195,8 @@ class StepGraphs:
         terms = {name: value.clone() for name, value in out.terms.items()}
         fields = {k: getattr(out, k).clone() for k in ("teacher", "ce", "loss", "weights", "nonfinite")}
         valid = None if out.valid is None else out.valid.clone()
-        result = replace(out, terms=terms, valid=valid, skipped=draw.skipped, **fields)
+        member = cast(int | None, draw.member)  # the host's draw
+        result = replace(out, terms=terms, valid=valid, perturbed=member, skipped=draw.skipped, **fields)
         group.parts.counters.steps += 1
         self.known = group.parts.counters.steps
         group.members.watch.watch(result.nonfinite, step=self.known)
@@ -248,7 +261,7 @@ class StepGraphs:
 
     def _fail(self, key: tuple[Any, ...], why: str, draw: Draw) -> None:
         self.failed[key] = why
-        step = f"the step perturbing member {draw.member} by {draw.name!r}" if draw.member is not None else "the step"
+        step = f"the step perturbed by {draw.name!r}" if draw.member is not None else "the step"
         self._warn_once(
             "fail", f"cuda_graph: {step} runs eagerly: {why}. Any other step that cannot be captured does too "
             "(said once; group.graphs.failed lists them).",
@@ -260,3 +273,23 @@ class StepGraphs:
         if what not in self.warned:
             self.warned.add(what)
             warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+def forward_chosen_on_device(members: Any, x: Tensor, y: Tensor, draw: Draw, pool: Any, cut: bool) -> Any:
+    """``Members.forward`` of a CUDA graph's perturbed step: the operation is the graph's, the member
+    ``draw.member`` a one-element tensor on the device, so one graph serves every member. The batch is
+    perturbed first (the device's generator as it stands), then member ``i`` forwards
+    ``where(member == i, x', x)``; the layout of the members' outputs is the eager step's (``members.layout``)."""
+    n, device, member = len(members), members.device, draw.member
+    assert isinstance(member, Tensor)
+    layout = members.layout
+    if members.shift_targets:  # position t learns the target at t + 1
+        layout, y = shift(layout, y)
+    check_targets(y, layout, members.ignore_index)
+    x_p, y_p = pool.perturb(
+        draw.operation, x, y, seed=None, num_classes=layout[0], ignore_index=members.ignore_index
+    )
+    logits = [members._forward(i, torch.where(member == i, x_p, x), device) for i in range(n)]
+    check_logits(logits, x.shape[0], list(range(n)), members.class_dim)
+    targets = member_targets(y, y_p, member, n, layout[0], members.ignore_index)
+    return members.inputs(logits, targets, device, cut)

@@ -237,7 +237,7 @@ class CompetitiveGroup:
     __exit__ = lambda self, *exc: self.close()  # noqa: E731
 
 
-def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tensor, perturbed: int | None,
+def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tensor, perturbed: Any,
            host: bool = True) -> None:
     """One step into the counters, on the device, in a few ops: no host read (``host``: count it in ``steps``)."""
     if teacher.dim() == 0:  # one teacher per batch (-1: none)
@@ -251,7 +251,6 @@ def _count(counters: Any, teacher: Tensor, valid: Tensor | None, nonfinite: Tens
     counters.switches += counters.switch_table.take(batch_teacher * (counters.n + 1) + counters.last_teacher)
     counters.last_teacher.copy_(batch_teacher)
     counters.nonfinite_count += nonfinite
-    if perturbed is not None:
-        counters.perturbed_count[perturbed] += 1
-        counters.perturbed_wins += share[perturbed]
+    if perturbed is not None:  # an index, or a device tensor (a CUDA graph's perturbed step)
+        counters.count_perturbed(perturbed, share)
     counters.steps += host

@@ -7,12 +7,13 @@ perturbed, the outputs checked and cut from the members' graphs) and :meth:`Memb
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from ._validation import check_logits_from, check_member_settings, check_members
+from .chunked import overwritten_logits
 from .features import (
     Cut,
     FeatureCapture,
@@ -27,6 +28,7 @@ from .features import (
     resolve_hooks,
     shift,
 )
+from .graphs import forward_chosen_on_device
 from .operations import member_targets
 from .perturbation import Draw, PerturbationPool
 
@@ -105,10 +107,12 @@ class Members:
         towards, and the hooked outputs in ``needs``; with ``cut``, cut from the members' graphs for
         :meth:`backward_and_step`. ``pool`` tries each of its operations on the first batch it
         sees, so one that cannot handle ``x`` is refused now."""
+        if draw is not None and isinstance(draw.member, Tensor):  # a CUDA graph's perturbed step
+            return cast(StepInputs, forward_chosen_on_device(self, x, y, draw, pool, cut))
         devices, n, class_dim = self.devices, len(self.models), self.class_dim
-        member = None if draw is None else draw.member
+        member = None if draw is None else cast(int | None, draw.member)
         logits = [self._forward(i, x, devices[i], y) for i in range(n) if i != member]
-        layout = check_logits(logits, x.shape[0], [i for i in range(n) if i != member], class_dim)
+        self.layout = layout = check_logits(logits, x.shape[0], [i for i in range(n) if i != member], class_dim)
         if self.shift_targets:  # position t learns the target at t + 1
             layout, y = shift(layout, y)
         check_targets(y, layout, self.ignore_index)
@@ -218,13 +222,10 @@ class Members:
                     optimizer.zero_grad(set_to_none=True)
         except BaseException as error:
             self.zero_grad()
-            if "modified by an inplace operation" in str(error):  # see competitive.chunked
-                raise RuntimeError(
-                    "A member's backward reads its logits (e.g. a model that returns log_softmax), but the step math "
-                    "over chunks (chunk_rows, or None with a large vocabulary) wrote the logits' gradients over them. "
-                    "Pass chunk_rows=0 to the group, or return the logits before any such op."
-                ) from error
-            raise
+            hint = overwritten_logits(error)  # a backward that reads logits the chunked step math overwrote
+            if hint is None:
+                raise
+            raise hint from error
         if scaler is not None:
             scaler.update()
 

@@ -124,19 +124,27 @@ def dense_rows(y: Tensor, num_classes: int, ignore: int) -> Tensor:
     return F.one_hot(torch.where(valid, y, 0), num_classes).movedim(-1, 1).float() * valid.unsqueeze(1)
 
 
-def member_targets(y: Tensor, y_p: Tensor, perturbed: int, n: int, num_classes: int, ignore: int = -100) -> Tensor:
+def member_targets(
+    y: Tensor, y_p: Tensor, perturbed: int | Tensor, n: int, num_classes: int, ignore: int = -100
+) -> Tensor:
     """Per-member targets: the perturbed member's own labels beside everyone else's ``y``; label rows
-    ``[N, B, C, ...]`` (class dimension 1, as ``F.cross_entropy``) when it got label rows."""
+    ``[N, B, C, ...]`` (class dimension 1, as ``F.cross_entropy``) when it got label rows. ``perturbed``: an
+    index, or a one-element tensor on the device (a CUDA graph's step: no host read)."""
     if y_p.dim() == y.dim():  # new class indices (e.g. a permuted batch, a warped map)
         targets = y.expand(n, *y.shape).clone()
-        targets[perturbed] = y_p
-        return targets
+        return _put(targets, perturbed, y_p)
     # mixing: member `perturbed` learns from soft labels, the rest from y
     if y.dim() == 1:
         targets = torch.nn.functional.one_hot(y, num_classes).float().expand(n, -1, -1).clone()
     else:
         targets = dense_rows(y, num_classes, ignore).expand(n, *[-1] * (y.dim() + 1)).clone()
-    targets[perturbed] = y_p.to(torch.float32)
+    return _put(targets, perturbed, y_p.to(torch.float32))
+
+
+def _put(targets: Tensor, perturbed: int | Tensor, value: Tensor) -> Tensor:
+    if isinstance(perturbed, Tensor):
+        return targets.index_copy_(0, perturbed.view(1), value.unsqueeze(0).to(targets.dtype))
+    targets[perturbed] = value
     return targets
 
 

@@ -32,7 +32,7 @@ class Draw(NamedTuple):
     """One step's draw: ``member`` sees ``operation`` (its index; ``name``) run from ``seed`` (None: the device's
     generator as it stands); ``member`` is None when nobody is perturbed; ``skipped``: why a drawn operation was not."""
 
-    member: int | None
+    member: int | Tensor | None  # a one-element device tensor in a CUDA graph's capture
     operation: int
     seed: int | None
     name: str

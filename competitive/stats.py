@@ -45,6 +45,17 @@ class GroupStats(nn.Module):
         table = torch.zeros((n + 1) ** 2).index_put_(((teacher * (n + 1) + last).flatten(),), switched)
         self.register_buffer("switch_table", table, persistent=False)
 
+    def count_perturbed(self, perturbed: int | Tensor, share: Tensor) -> None:
+        """The perturbed member (an index, or a one-element device tensor in a CUDA graph) and whether it
+        won: its share of the batch's teaching (``share``, per member)."""
+        if isinstance(perturbed, Tensor):
+            index = perturbed.view(1)
+            self.perturbed_count.index_add_(0, index, torch.ones_like(index))
+            self.perturbed_wins += share.gather(0, index).squeeze(0)
+        else:
+            self.perturbed_count[perturbed] += 1
+            self.perturbed_wins += share[perturbed]
+
     def get_extra_state(self) -> dict[str, int]:
         return {"steps": self.steps}
 

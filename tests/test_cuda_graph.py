@@ -179,6 +179,30 @@ def test_cuda_graph_host_logic_matches_eager(setting):
     _same_steps(eager, graphed, batches)
     assert capture.captures >= 1 and capture.replays >= 30 - graphed.graphs.eager_steps
     assert graphed.graphs.eager_steps < 30 and not graphed.graphs.failed
+    operations = len(graphed.perturbation.names) if graphed.perturbation is not None else 0
+    assert len(graphed.graphs.graphs) <= operations + 1  # one graph per operation, whichever member it perturbs
+
+
+def test_cuda_graph_default_pool_on_images_matches_eager():
+    """Every default operation (mixing: label rows for the perturbed member, chosen on the device)."""
+
+    def make(graphed):
+        torch.manual_seed(0)
+        nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+                for _ in range(3)]
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, fused=True) for m in nets]
+        group = CompetitiveGroup(nets, opts, perturbation=PerturbationPool(p=0.7), seed=4, warmup_steps=5)
+        if graphed:
+            group.graphs = StepGraphs(group, capture=StaticCapture())
+        return group
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 5, (8,), generator=generator))
+               for _ in range(40)]
+    eager, graphed = make(False), make(True)
+    _same_steps(eager, graphed, batches)
+    replayed = {key[1] for key in graphed.graphs.graphs} - {None}
+    assert len(replayed) >= 3 and not graphed.graphs.failed
 
 
 def test_cuda_graph_results_are_not_overwritten_by_later_steps():
