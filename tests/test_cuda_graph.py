@@ -183,21 +183,25 @@ def test_cuda_graph_host_logic_matches_eager(setting):
     assert len(graphed.graphs.graphs) <= operations + 1  # one graph per operation, whichever member it perturbs
 
 
-def test_cuda_graph_default_pool_on_images_matches_eager():
-    """Every default operation (mixing: label rows for the perturbed member, chosen on the device)."""
+@pytest.mark.parametrize("dense", [False, True], ids=["classes", "maps"])
+def test_cuda_graph_default_pool_on_images_matches_eager(dense):
+    """Every default operation (mixing: label rows for the perturbed member, chosen on the device), on class
+    indices and on segmentation maps (warped and mixed with the image, a teacher per pixel)."""
 
     def make(graphed):
         torch.manual_seed(0)
-        nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
-                for _ in range(3)]
+        head = lambda: [nn.Conv2d(4, 5, 1)] if dense else [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)]  # noqa: E731
+        nets = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), *head()) for _ in range(3)]
         opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, fused=True) for m in nets]
-        group = CompetitiveGroup(nets, opts, perturbation=PerturbationPool(p=0.7), seed=4, warmup_steps=5)
+        group = CompetitiveGroup(nets, opts, perturbation=PerturbationPool(p=0.7), seed=4, warmup_steps=5,
+                                 granularity="position" if dense else "batch")
         if graphed:
             group.graphs = StepGraphs(group, capture=StaticCapture())
         return group
 
     generator = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 5, (8,), generator=generator))
+    targets = (8, 16, 16) if dense else (8,)
+    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 5, targets, generator=generator))
                for _ in range(40)]
     eager, graphed = make(False), make(True)
     _same_steps(eager, graphed, batches)
