@@ -72,6 +72,7 @@ class StepGraphs:
         self.pool: Any = None  # the graphs' memory pool
         self.stream: Any = None  # the side stream of the eager steps
         self.fingerprint: Any = None  # what the graphs hold: parameters' and optimizer states' identities
+        self.parameters: list[Tensor] = []  # the members' parameters at the capture (a walk of the modules is slow)
         self.warned: set[Any] = set()  # what was said once: "drop", "fail", new batch signatures
 
     def step(self, batch: Any, scaler: Any = None) -> StepResult:
@@ -100,7 +101,7 @@ class StepGraphs:
             draw = pool.draw(group.parts.generator, len(group.members), x, y) if pool is not None else NO_DRAW
             key = (signature, None if draw.member is None else draw.operation)
             if key not in self.graphs and key not in self.failed and self._ready(key):
-                self._capture(key, draw)
+                self._capture(key, x, y, draw)
             if key in self.graphs:
                 return self._replay(key, x, y, draw)
             return self._eager(key, x, y, draw)
@@ -138,7 +139,7 @@ class StepGraphs:
             self._fail(key, f"the step synchronizes with the host at {syncs[0]}", draw)
         return result
 
-    def _capture(self, key: tuple[Any, ...], draw: Draw) -> None:
+    def _capture(self, key: tuple[Any, ...], x: Tensor, y: Tensor, draw: Draw) -> None:
         group = self.group
         group.members.watch.wait()  # earlier steps' flags, read now: nothing may query the device in a capture
         device = group.members.device
@@ -149,7 +150,7 @@ class StepGraphs:
         if key[0] not in self.inputs:
             self.inputs[key[0]] = (torch.empty(key[0][0], dtype=key[0][1], device=device),
                                    torch.empty(key[0][2], dtype=key[0][3], device=device))
-        x, y = self.inputs[key[0]]
+        x, y = self.inputs[key[0]][0].copy_(x), self.inputs[key[0]][1].copy_(y)  # this step's batch, as replayed
         if self.member is None:
             self.member = torch.zeros((), dtype=torch.long, device=device)
         group.members.layout = self.layouts[key[0]]
@@ -173,6 +174,7 @@ class StepGraphs:
             group.members.zero_grad(set_to_none=True)  # what the failed capture left in .grad is not a gradient
             self._fail(key, f"capturing it failed ({type(error).__name__}: {error})", draw)
             return
+        self.parameters = [p for m in group.models for p in m.parameters()]
         self.fingerprint = self._fingerprint()
 
     def _replay(self, key: tuple[Any, ...], x: Tensor, y: Tensor, draw: Draw) -> StepResult:
@@ -249,9 +251,8 @@ class StepGraphs:
             )
 
     def _fingerprint(self) -> tuple[Any, ...]:
-        members = self.group.members
-        optimizers = tuple((id(o.state), id(o.param_groups)) for o in members.optimizers if o is not None)
-        return optimizers, tuple(p.data_ptr() for m in members.models for p in m.parameters())
+        optimizers = tuple((id(o.state), id(o.param_groups)) for o in self.group.optimizers if o is not None)
+        return optimizers, tuple(p.data_ptr() for p in self.parameters)
 
     def _drop(self, why: str) -> None:
         self.graphs.clear()
