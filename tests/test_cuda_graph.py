@@ -281,6 +281,35 @@ def test_cuda_graph_a_failed_capture_leaves_that_step_eager_said_once():
     assert len(graphed.graphs.graphs) == 1 and graphed.graphs.failed
 
 
+def test_cuda_graph_a_replayed_step_dispatches_only_its_copies():
+    """Around a replay the host does little: the batch copied in (2 ops), the results copied out (one clone per
+    tensor of the result), the non-finite flags read; counted with a capture whose replay runs nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def kept(body):  # the body runs once, at the capture; a replay returns its outputs
+        out = body()
+        return lambda: out
+
+    group = _group(graphed=True, capture=kept)
+    for batch in _batches(WARMUP_STEPS + 2):
+        group.step(batch)
+    batch = _batches(1)[0]
+    with Count() as count:
+        result = group.step(batch)
+    tensors = 5 + len(result.terms) + (result.valid is not None)  # teacher, ce, loss, weights, nonfinite, ...
+    assert count.ops.count("aten.copy_.default") == 2 and count.ops.count("aten.clone.default") == tensors
+    assert len(count.ops) <= 2 + tensors + 1, count.ops  # and the flags' read (a copy to the host on a GPU)
+
+
 def test_cuda_graph_refuses_a_scaler_and_batches_that_are_not_tensors():
     group = _group(graphed=True)
     x, y = _batches(1)[0]
