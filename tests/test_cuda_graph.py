@@ -307,7 +307,8 @@ def test_cuda_graph_a_replayed_step_dispatches_only_its_copies():
         result = group.step(batch)
     tensors = 5 + len(result.terms) + (result.valid is not None)  # teacher, ce, loss, weights, nonfinite, ...
     assert count.ops.count("aten.copy_.default") == 2 and count.ops.count("aten.clone.default") == tensors
-    assert len(count.ops) <= 2 + tensors + 1, count.ops  # and the flags' read (a copy to the host on a GPU)
+    rest = [op for op in count.ops if op not in ("aten.copy_.default", "aten.clone.default")]
+    assert set(rest) <= {"aten.detach.default", "aten._to_copy.default"}, count.ops  # the flags' read
 
 
 def test_cuda_graph_refuses_a_scaler_and_batches_that_are_not_tensors():

@@ -253,7 +253,7 @@ class KL(Term):
             temperature=self.temperature,
             logits=outputs.logits,
             valid=outputs.valid,
-            pairwise=bool(outputs.positions) and outputs.valid is not None,  # a row per position: pair by pair
+            pairwise=len(outputs.positions) > 0 and outputs.valid is not None,  # a row per position: pair by pair
             divergence=self.divergence,
             beta=self.beta,
         )
