@@ -133,11 +133,10 @@ class StepGraphs:
             group.members.backward_and_step(total, cut, result.nonfinite, None)
         self.seen.add(key)
         self.layouts[key[0]] = group.members.layout
-        assert isinstance(result, StepResult)
         self.eager_steps += 1
         if syncs:
             self._fail(key, f"the step synchronizes with the host at {syncs[0]}", draw)
-        return result
+        return cast(StepResult, result)  # the group is typed Any here (no import cycle)
 
     def _capture(self, key: tuple[Any, ...], x: Tensor, y: Tensor, draw: Draw) -> None:
         group = self.group
@@ -164,8 +163,7 @@ class StepGraphs:
             total, result, cut = group._losses(x, y, train=True, cut=True, draw=captured_draw, ramp=ramp)
             group.members.backward_and_step(total, cut, result.nonfinite, None)
             steps.add_(1)
-            assert isinstance(result, StepResult)
-            return result
+            return cast(StepResult, result)
 
         try:
             self.graphs[key] = (self.capture or self._cuda_capture)(body)
@@ -281,8 +279,7 @@ def forward_chosen_on_device(members: Any, x: Tensor, y: Tensor, draw: Draw, poo
     ``draw.member`` a one-element tensor on the device, so one graph serves every member. The batch is
     perturbed first (the device's generator as it stands), then member ``i`` forwards
     ``where(member == i, x', x)``; the layout of the members' outputs is the eager step's (``members.layout``)."""
-    n, device, member = len(members), members.device, draw.member
-    assert isinstance(member, Tensor)
+    n, device, member = len(members), members.device, cast(Tensor, draw.member)  # the graph's, filled per replay
     layout = members.layout
     if members.shift_targets:  # position t learns the target at t + 1
         layout, y = shift(layout, y)
